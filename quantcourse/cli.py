@@ -1,0 +1,176 @@
+"""The `quantcourse` command: open the course, describe the setup, evaluate a recipe."""
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import secrets
+import socket
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def course_root() -> Path:
+    """The checkout holding course/ and labs/ (the package is installed editable from it)."""
+    if not (REPO_ROOT / "course").is_dir():
+        raise SystemExit(
+            f"quantcourse lab: no course/ folder next to the package ({REPO_ROOT}). Run it from a "
+            "clone of the course repository installed with `make lab` (pip install -e .)."
+        )
+    return REPO_ROOT
+
+
+def free_port(start: int = 8888) -> int:
+    """The first port from `start` on which nothing listens on 127.0.0.1."""
+    for port in range(start, start + 100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            if probe.connect_ex(("127.0.0.1", port)) != 0:
+                return port
+    raise SystemExit(f"quantcourse lab: ports {start}-{start + 99} are all in use; pass --port")
+
+
+def lab_command(root: Path, port: int, token: str, open_browser: bool) -> list[str]:
+    """The jupyter lab command line: loopback only, opened at course/, with a fixed token."""
+    return [
+        sys.executable, "-m", "jupyter", "lab",
+        f"--ServerApp.root_dir={root}",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.open_browser={open_browser}",
+        "--LabApp.default_url=/lab/tree/course",
+        # containers and CI run as root; Jupyter refuses that unless told
+        f"--ServerApp.allow_root={os.geteuid() == 0}",
+    ]  # fmt: skip
+
+
+def cmd_lab(args) -> int:
+    root = course_root()
+    port = args.port or free_port()
+    token = args.token or secrets.token_hex(16)
+    print(f"quantcourse: JupyterLab at http://127.0.0.1:{port}/lab/tree/course?token={token}", flush=True)
+    print("quantcourse: stop it with Ctrl-C.", flush=True)
+    os.execv(sys.executable, lab_command(root, port, token, not args.no_browser))
+
+
+def version_of(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from .models import ModelNotFoundError, minilm_dir, reference_cache_path, smollm2_gguf_path
+    from .runtime import cache_dir, fast_mode
+
+    def found(locate):
+        try:
+            return str(locate())
+        except ModelNotFoundError as error:
+            return "MISSING: " + str(error).splitlines()[1].strip()
+
+    cache = reference_cache_path()
+    info = {
+        "quantcourse": version_of("quantcourse"),
+        "python": platform.python_version(),
+        **{name: version_of(name) for name in ("torch", "triton", "transformers", "gguf", "jupyterlab", "nbgrader")},
+        "cpu_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU only)",
+        "smollm2_gguf": found(smollm2_gguf_path),
+        "minilm": found(minilm_dir),
+        "cache_dir": str(cache_dir()),
+        "reference_cache": "built" if (cache / "manifest.json").is_file() else "not built yet (first load builds it, ~20 s)",
+        "fast_mode": fast_mode(),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def format_table(row: dict) -> str:
+    """A readable two-line summary of one evaluation."""
+    group = row["group_size"] or "channel"
+    kind = "sym" if row["symmetric"] else "asym"
+    delta = 100 * (row["ppl"] / row["ref_ppl"] - 1)
+    header = f"{'method':<8}{'bits':>5}{'group':>8}{'grid':>6}{'ppl':>9}{'ref ppl':>9}{'Δppl':>8}{'KLD':>9}{'top-1':>8}{'bits/w':>8}{'tokens':>8}{'sec':>7}"
+    line = (
+        f"{row['method']:<8}{row['bits']:>5}{group:>8}{kind:>6}{row['ppl']:>9.3f}{row['ref_ppl']:>9.3f}"
+        f"{delta:>+7.2f}%{row['kld']:>9.5f}{row['top1_agreement']:>8.2%}{row['bits_per_weight']:>8.4f}"
+        f"{row['eval_tokens']:>8}{row['seconds']:>7.1f}"
+    )
+    return header + "\n" + line
+
+
+def cmd_eval(args, parser) -> int:
+    from .recipes import RecipeError, evaluate_recipe
+
+    try:
+        row = evaluate_recipe(
+            args.method,
+            args.bits,
+            group_size=args.group_size,
+            symmetric=args.symmetric,
+            windows=args.windows,
+            progress=not args.json and sys.stderr.isatty(),
+        )
+    except RecipeError as error:
+        parser.error(str(error))
+    print(json.dumps(row) if args.json else format_table(row))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .recipes import METHODS
+
+    parser = argparse.ArgumentParser(prog="quantcourse", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    lab = commands.add_parser("lab", help="start JupyterLab on 127.0.0.1, opened at course/")
+    lab.add_argument("--port", type=int, help="port (default: the first free one from 8888)")
+    lab.add_argument("--token", help="access token (default: a random one, printed)")
+    lab.add_argument("--no-browser", action="store_true", help="do not open a browser")
+
+    info = commands.add_parser("info", help="versions, models, GPU and cache location")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="quantize the reference model with a recipe and score it on held-out text",
+        description="Quantize every decoder linear layer of SmolLM2-135M and report perplexity, "
+        "KL divergence and top-1 agreement against the fp32 reference, and the storage cost.",
+    )
+    evaluate.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
+    evaluate.add_argument("--bits", type=int, required=True, help="bits per weight code, 2..8")
+    evaluate.add_argument("--group-size", type=int, help="weights per scale along the input dim (default: per output channel)")
+    grid = evaluate.add_mutually_exclusive_group()
+    grid.add_argument("--symmetric", dest="symmetric", action="store_true", default=True, help="signed grid, zero point 0 (default)")
+    grid.add_argument("--asymmetric", dest="symmetric", action="store_false", help="unsigned grid with a zero point")
+    evaluate.add_argument("--windows", type=int, help="held-out windows of 512 tokens (default 32; 4 in fast mode)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    evaluate.set_defaults(parser=evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "lab":
+        return cmd_lab(args)
+    if args.command == "info":
+        return cmd_info(args)
+    return cmd_eval(args, args.parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

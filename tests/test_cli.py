@@ -1,0 +1,95 @@
+"""The `quantcourse` command: eval's JSON contract, clear errors, info, and lab's server."""
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import REPO, run_cli
+
+EVAL_KEYS = {"method", "bits", "group_size", "ppl", "ref_ppl", "kld", "top1_agreement",
+             "bits_per_weight", "eval_tokens", "seconds"}  # fmt: skip
+
+
+def test_eval_json_contract():
+    result = run_cli("eval", "--method", "rtn", "--bits", "8", "--json")
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)
+    assert EVAL_KEYS <= row.keys()
+    assert (row["method"], row["bits"], row["group_size"], row["symmetric"]) == ("rtn", 8, None, True)
+    assert row["fast_mode"] is True and row["eval_tokens"] == 4 * 511
+    assert abs(row["ppl"] / row["ref_ppl"] - 1) < 0.01  # int8 per channel costs < 1% perplexity
+    assert 0 < row["kld"] < 0.02 and row["top1_agreement"] > 0.9
+    assert 8 < row["bits_per_weight"] < 8.1
+
+
+def test_eval_group_asymmetric_table():
+    result = run_cli("eval", "--method", "rtn", "--bits", "4", "--group-size", "64", "--asymmetric")
+    assert result.returncode == 0, result.stderr
+    header, line = result.stdout.strip().splitlines()[-2:]
+    assert header.split()[:4] == ["method", "bits", "group", "grid"]
+    assert line.split()[:4] == ["rtn", "4", "64", "asym"]
+    assert float(line.split()[-3]) == pytest.approx(4 + 20 / 64)  # bits per weight column
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "magic", "--bits", "4"], "unknown method 'magic'; choose one of: rtn"),
+        (["--method", "rtn", "--bits", "9"], "--bits must be an integer from 2 to 8, got 9"),
+        (["--method", "rtn", "--bits", "1"], "--bits must be an integer from 2 to 8, got 1"),
+        (["--method", "rtn", "--bits", "4", "--group-size", "100"], "--group-size 100 does not divide the input width 576"),
+        (["--method", "rtn", "--bits", "4", "--group-size", "0"], "--group-size must be positive"),
+        (["--method", "rtn", "--bits", "four"], "invalid int value: 'four'"),
+    ],
+)
+def test_eval_bad_arguments_fail_with_a_clear_message(args, message):
+    result = run_cli("eval", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_info_reports_models_and_cache(tmp_path):
+    result = run_cli("info", "--json", QUANTCOURSE_CACHE=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["smollm2_gguf"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert info["cache_dir"] == str(tmp_path)
+    assert info["gpu"] == "none (CPU only)" or info["gpu"]
+    assert info["torch"] != "not installed"
+
+
+def test_lab_serves_the_course_on_loopback():
+    token = secrets.token_hex(8)
+    port = 18000 + os.getpid() % 1000
+    server = subprocess.Popen(
+        [sys.executable, "-m", "quantcourse", "lab", "--no-browser", "--port", str(port), "--token", token],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO / "tests",
+    )  # fmt: skip
+    try:
+        first_line = server.stdout.readline()
+        assert f"http://127.0.0.1:{port}/lab/tree/course?token={token}" in first_line
+        listing = None
+        for _ in range(120):
+            try:
+                url = f"http://127.0.0.1:{port}/api/contents/course?token={token}"
+                listing = json.load(urllib.request.urlopen(url, timeout=2))
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert listing is not None, "JupyterLab did not answer within 60 s"
+        assert listing["type"] == "directory"
+        assert "README.md" in {item["name"] for item in listing["content"]}
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/lab/tree/course?token={token}", timeout=5)
+        assert page.status == 200 and b"JupyterLab" in page.read()
+        kernels = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/kernelspecs?token={token}"))
+        assert "quantcourse" in kernels["kernelspecs"]  # registered by `make setup`
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
