@@ -122,3 +122,34 @@ def test_integer_input_is_refused_with_the_fix():
 def test_group_size_that_does_not_divide_is_refused():
     with pytest.raises(ValueError, match="group_size 5 does not divide the last dimension 8.*ragged=True"):
         quantize_tensor(torch.randn(2, 8), AffineSpec(granularity="group", group_size=5))
+
+
+def test_float_zero_point_keeps_the_range_as_it_is():
+    x = torch.tensor([1.0, 2.5, 4.0])
+    qt = quantize_tensor(x, AffineSpec(bits=2, symmetric=False, granularity="tensor", zero_point="float"))
+    assert qt.scale.item() == pytest.approx(1.0) and qt.zero.item() == pytest.approx(-1.0)
+    assert qt.dequantize().tolist() == [1.0, 3.0, 4.0]  # x_hat = s * q + min; (2.5 - 1) / 1 = 1.5 rounds to 2
+
+
+def test_float_zero_point_needs_an_asymmetric_grid():
+    with pytest.raises(ValueError, match="symmetric=False"):
+        AffineSpec(symmetric=True, zero_point="float")
+
+
+def test_storage_bits_of_each_zero_point():
+    x = torch.randn(4, 64)
+    bits = {
+        zp: quantize_tensor(x, AffineSpec(bits=4, symmetric=False, granularity="group", group_size=32, zero_point=zp)).storage_bits()
+        for zp in ("integer", "float")
+    }
+    assert bits == {"integer": 256 * 4 + 8 * (16 + 4), "float": 256 * 4 + 8 * (16 + 16)}
+
+
+def test_asymmetric_g32_float_zero_reproduces_the_shipped_q4_1_grid(reference):
+    """The reference weights were dequantized from Q4_1 (s * q + min per 32 weights): the same
+    form, aligned with the same blocks, finds them again. An integer zero point cannot."""
+    w = reference[0].model.layers[7].mlp.down_proj.weight
+    spec = AffineSpec(bits=4, symmetric=False, granularity="group", group_size=32, zero_point="float")
+    assert (fake_quantize(w, spec) - w).abs().max() < 1e-6
+    integer = AffineSpec(bits=4, symmetric=False, granularity="group", group_size=32)
+    assert (fake_quantize(w, integer) - w).abs().max() > 1e-3
