@@ -30,7 +30,7 @@ test-quick: setup
 	$(BIN)/pytest -n $(WORKERS) -m "not slow"
 
 results: setup
-	$(BIN)/python benchmarks/rtn_table.py
+	$(BIN)/python benchmarks/baselines.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,7 +1,8 @@
-"""Round-to-nearest on SmolLM2-135M: the baseline table of lesson 01 and of the eval harness.
+"""The baselines of lessons 01 and 02 on SmolLM2-135M: round-to-nearest at every granularity,
+W8A8 with per-tensor and per-token activations, and LLM.int8().
 
-Usage:  python benchmarks/rtn_table.py          (writes benchmarks/results/rtn.{json,md})
-With QUANTCOURSE_FAST=1 it evaluates fewer tokens and writes rtn.fast.* instead, never the
+Usage:  python benchmarks/baselines.py     (writes benchmarks/results/baselines.{json,md})
+With QUANTCOURSE_FAST=1 it evaluates fewer tokens and writes baselines.fast.* instead, never the
 published files.
 """
 
@@ -11,17 +12,25 @@ import sys
 import time
 from pathlib import Path
 
-from quantcourse.recipes import evaluate_recipe
+from quantcourse.cli import recipe_label
+from quantcourse.recipes import RecipeOptions, evaluate_recipe
 from quantcourse.runtime import fast_mode
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CONFIGS = [  # (bits, group_size, symmetric)
-    (8, None, True),
-    (4, None, True),
-    (4, 64, True),
-    (4, 64, False),
-    (3, 64, True),
-    (3, 64, False),
+CONFIGS = [  # (method, options)
+    ("rtn", RecipeOptions(bits=8, granularity="tensor")),
+    ("rtn", RecipeOptions(bits=8)),
+    ("rtn", RecipeOptions(bits=4)),
+    ("rtn", RecipeOptions(bits=4, group_size=64)),
+    ("rtn", RecipeOptions(bits=4, group_size=64, symmetric=False)),
+    ("rtn", RecipeOptions(bits=4, group_size=32)),
+    ("rtn", RecipeOptions(bits=4, group_size=32, symmetric=False)),
+    ("rtn", RecipeOptions(bits=4, group_size=32, symmetric=False, zero_point="float")),
+    ("rtn", RecipeOptions(bits=3, group_size=64)),
+    ("rtn", RecipeOptions(bits=3, group_size=64, symmetric=False)),
+    ("w8a8", RecipeOptions(act_granularity="tensor")),
+    ("w8a8", RecipeOptions(act_granularity="token")),
+    ("llm_int8", RecipeOptions(threshold=6.0)),
 ]
 
 
@@ -34,20 +43,20 @@ def machine() -> dict:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
-        "# Round-to-nearest weight quantization of SmolLM2-135M",
+        "# Baselines on SmolLM2-135M: round-to-nearest, W8A8, LLM.int8()",
         "",
         f"Reference (fp32, dequantized from the shipped Q4_1 GGUF): perplexity {rows[0]['ref_ppl']:.3f} "
         f"on {rows[0]['eval_tokens']} held-out tokens of the Python manual.",
         "All 210 decoder linear layers quantized; the tied embedding/output head stays fp32.",
-        "Bits per weight count an fp16 scale per block and, for asymmetric grids, a zero point of `bits` bits.",
+        "Bits per weight count the codes plus their constants: an fp16 scale per block and, for",
+        "asymmetric grids, a zero point of `bits` bits (rtn); an fp32 scale per output row (int8).",
         "",
-        "| bits | group | grid | ppl | Δppl | KLD | top-1 agreement | bits/weight | seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | settings | ppl | Δppl | KLD | top-1 agreement | bits/weight | seconds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['bits']} | {r['group_size'] or 'channel'} | {'sym' if r['symmetric'] else 'asym'} "
-            f"| {r['ppl']:.3f} | {100 * (r['ppl'] / r['ref_ppl'] - 1):+.2f}% | {r['kld']:.5f} "
+            f"| {r['method']} | {recipe_label(r)} | {r['ppl']:.3f} | {100 * (r['ppl'] / r['ref_ppl'] - 1):+.2f}% | {r['kld']:.5f} "
             f"| {r['top1_agreement']:.2%} | {r['bits_per_weight']:.4f} | {r['seconds']:.0f} |"
         )
     lines += ["", f"Command: `{meta['command']}`; machine: {meta['machine']['cpu']}, "
@@ -58,17 +67,17 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 def main() -> None:
     rows = []
-    for bits, group_size, symmetric in CONFIGS:
-        row = evaluate_recipe("rtn", bits, group_size=group_size, symmetric=symmetric, progress=sys.stderr.isatty())
+    for method, options in CONFIGS:
+        row = evaluate_recipe(method, options, progress=sys.stderr.isatty())
         print(json.dumps(row), flush=True)
         rows.append(row)
     meta = {
-        "command": "python benchmarks/rtn_table.py",
+        "command": "python benchmarks/baselines.py",
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
         "fast_mode": fast_mode(),
     }
-    stem = "rtn.fast" if fast_mode() else "rtn"
+    stem = "baselines.fast" if fast_mode() else "baselines"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(markdown(rows, meta))

@@ -98,32 +98,47 @@ def cmd_info(args) -> int:
     return 0
 
 
+def recipe_label(row: dict) -> str:
+    """Short description of a results row's settings, e.g. 'int4 g64 asym' or 'act per token'."""
+    parts = []
+    if row.get("granularity"):
+        where = {"tensor": "per-tensor", "channel": "per-channel"}.get(row["granularity"], f"g{row['group_size']}")
+        grid = "sym" if row["symmetric"] else ("asym" if row["zero_point"] == "integer" else "asym-float-zero")
+        parts += [f"int{row['bits']}", where, grid]
+    if row.get("act_granularity"):
+        parts += ["W8A8", f"act per {row['act_granularity']}"]
+    if row.get("threshold") is not None:
+        parts += ["int8", f"threshold {row['threshold']:g}"]
+    return " ".join(parts)
+
+
 def format_table(row: dict) -> str:
     """A readable two-line summary of one evaluation."""
-    group = row["group_size"] or "channel"
-    kind = "sym" if row["symmetric"] else "asym"
     delta = 100 * (row["ppl"] / row["ref_ppl"] - 1)
-    header = f"{'method':<8}{'bits':>5}{'group':>8}{'grid':>6}{'ppl':>9}{'ref ppl':>9}{'Δppl':>8}{'KLD':>9}{'top-1':>8}{'bits/w':>8}{'tokens':>8}{'sec':>7}"
+    label = recipe_label(row)
+    header = f"{'method':<10}{'settings':<{len(label) + 2}}{'ppl':>9}{'ref ppl':>9}{'Δppl':>9}{'KLD':>9}{'top-1':>8}{'bits/w':>8}{'tokens':>8}{'sec':>7}"
     line = (
-        f"{row['method']:<8}{row['bits']:>5}{group:>8}{kind:>6}{row['ppl']:>9.3f}{row['ref_ppl']:>9.3f}"
-        f"{delta:>+7.2f}%{row['kld']:>9.5f}{row['top1_agreement']:>8.2%}{row['bits_per_weight']:>8.4f}"
+        f"{row['method']:<10}{label:<{len(label) + 2}}{row['ppl']:>9.3f}{row['ref_ppl']:>9.3f}"
+        f"{delta:>+8.2f}%{row['kld']:>9.5f}{row['top1_agreement']:>8.2%}{row['bits_per_weight']:>8.4f}"
         f"{row['eval_tokens']:>8}{row['seconds']:>7.1f}"
     )
     return header + "\n" + line
 
 
 def cmd_eval(args, parser) -> int:
-    from .recipes import RecipeError, evaluate_recipe
+    from .recipes import RecipeError, RecipeOptions, evaluate_recipe
 
+    options = RecipeOptions(
+        bits=args.bits,
+        group_size=args.group_size,
+        symmetric=args.symmetric,
+        granularity=args.granularity,
+        zero_point=args.zero_point,
+        act_granularity=args.act_granularity,
+        threshold=args.threshold,
+    )
     try:
-        row = evaluate_recipe(
-            args.method,
-            args.bits,
-            group_size=args.group_size,
-            symmetric=args.symmetric,
-            windows=args.windows,
-            progress=not args.json and sys.stderr.isatty(),
-        )
+        row = evaluate_recipe(args.method, options, windows=args.windows, progress=not args.json and sys.stderr.isatty())
     except RecipeError as error:
         parser.error(str(error))
     print(json.dumps(row) if args.json else format_table(row))
@@ -151,11 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
         "KL divergence and top-1 agreement against the fp32 reference, and the storage cost.",
     )
     evaluate.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
-    evaluate.add_argument("--bits", type=int, required=True, help="bits per weight code, 2..8")
-    evaluate.add_argument("--group-size", type=int, help="weights per scale along the input dim (default: per output channel)")
+    evaluate.add_argument("--bits", type=int, help="bits per weight code, 2..8 (rtn: required; w8a8, llm_int8: 8)")
+    evaluate.add_argument("--granularity", choices=["tensor", "channel", "group"], help="weight scales per tensor, per output channel (default) or per group")
+    evaluate.add_argument("--group-size", type=int, help="weights per scale along the input dimension (implies --granularity group)")
     grid = evaluate.add_mutually_exclusive_group()
     grid.add_argument("--symmetric", dest="symmetric", action="store_true", default=True, help="signed grid, zero point 0 (default)")
     grid.add_argument("--asymmetric", dest="symmetric", action="store_false", help="unsigned grid with a zero point")
+    evaluate.add_argument("--zero-point", choices=["integer", "float"], default="integer", help="asymmetric grids: integer zero point (GPTQ/AWQ, default) or float minimum (llama.cpp Q4_1)")
+    evaluate.add_argument("--act-granularity", choices=["token", "tensor"], default="token", help="w8a8: activation scales per token (default) or per tensor")
+    evaluate.add_argument("--threshold", type=float, default=6.0, help="llm_int8: input columns with any |x| >= this stay in float (default 6.0)")
     evaluate.add_argument("--windows", type=int, help="held-out windows of 512 tokens (default 32; 4 in fast mode)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     evaluate.set_defaults(parser=evaluate)

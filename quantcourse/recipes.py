@@ -10,14 +10,15 @@ row that `quantcourse eval` prints and the results tables collect. Later lessons
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .corpus import token_windows
 from .evaluate import compare_to_reference, model_bits_per_weight, reference_logprobs
 from .models import load_reference_model
-from .reference_impl.affine import MAX_BITS, MIN_BITS, AffineSpec
+from .reference_impl.affine import MAX_BITS, MIN_BITS, AffineSpec, Granularity, ZeroPoint
+from .reference_impl.llm_int8 import LLM_INT8_THRESHOLD, LLMInt8Linear, W8A8Linear
 from .reference_impl.rtn import FakeQuantLinear
 from .runtime import fast_mode
 from .surgery import linear_layers, replace_linears
@@ -32,20 +33,37 @@ class RecipeError(ValueError):
 
 
 @dataclass(frozen=True)
+class RecipeOptions:
+    """Everything a recipe may be asked for; each recipe checks the fields it uses.
+
+    granularity: "tensor", "channel" or "group" for weight scales (None: "group" when a group
+    size is given, else "channel"). zero_point: "integer" or "float" (asymmetric grids; "float"
+    is llama.cpp's Q4_1 form x = s * q + min). act_granularity: "token" or "tensor" for W8A8 activations.
+    threshold: LLM.int8()'s outlier threshold on |x|.
+    """
+
+    bits: int | None = None
+    group_size: int | None = None
+    symmetric: bool = True
+    granularity: Granularity | None = None
+    zero_point: ZeroPoint = "integer"
+    act_granularity: str = "token"
+    threshold: float = LLM_INT8_THRESHOLD
+
+    def weight_granularity(self) -> Granularity:
+        return self.granularity or ("group" if self.group_size is not None else "channel")
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     help: str
-    apply: Callable[..., None]  # apply(model, bits=, group_size=, symmetric=, progress=)
+    check: Callable[[RecipeOptions], RecipeOptions]  # refuse bad options, fill in defaults
+    apply: Callable[[object, RecipeOptions, bool], None]  # apply(model, options, progress)
+    columns: tuple[str, ...]  # the options this recipe reports in its results row
 
 
-def weight_spec(bits: int, group_size: int | None, symmetric: bool) -> AffineSpec:
-    """Per output channel without a group size, else groups of `group_size` input features."""
-    if group_size is None:
-        return AffineSpec(bits=bits, symmetric=symmetric, granularity="channel", axis=0)
-    return AffineSpec(bits=bits, symmetric=symmetric, granularity="group", group_size=group_size)
-
-
-def check_bits(bits: int) -> None:
+def check_bits(bits: int | None) -> None:
     if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
         raise RecipeError(f"--bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits}")
 
@@ -54,8 +72,6 @@ def check_group_size(model, group_size: int | None) -> None:
     """A group size must divide every quantized layer's input width (no ragged groups here)."""
     if group_size is None:
         return
-    if group_size < 1:
-        raise RecipeError(f"--group-size must be positive, got {group_size}")
     widths = sorted({layer.in_features for layer in linear_layers(model).values()})
     bad = [w for w in widths if w % group_size]
     if bad:
@@ -67,15 +83,87 @@ def check_group_size(model, group_size: int | None) -> None:
         )
 
 
-def apply_rtn(model, bits: int, group_size: int | None, symmetric: bool, progress: bool = True) -> None:
-    """Round-to-nearest, min-max ranges, every decoder linear layer."""
-    spec = weight_spec(bits, group_size, symmetric)
+def weight_spec(options: RecipeOptions) -> AffineSpec:
+    """The weight quantizer of a weight-only recipe: per tensor, per output row, or per group."""
+    granularity = options.weight_granularity()
+    if options.group_size is not None and options.group_size < 1:
+        raise RecipeError(f"--group-size must be positive, got {options.group_size}")
+    if (granularity == "group") != (options.group_size is not None):
+        raise RecipeError(
+            "--granularity group needs --group-size, and --group-size only makes sense with "
+            f"--granularity group (got granularity={granularity}, group size={options.group_size})"
+        )
+    if options.zero_point == "float" and options.symmetric:
+        raise RecipeError("--zero-point float needs --asymmetric (a symmetric grid has no zero point)")
+    return AffineSpec(
+        bits=options.bits,
+        symmetric=options.symmetric,
+        granularity=granularity,
+        group_size=options.group_size,
+        axis=0,
+        zero_point=options.zero_point,
+    )
+
+
+def check_rtn(options: RecipeOptions) -> RecipeOptions:
+    check_bits(options.bits)
+    weight_spec(options)
+    return options
+
+
+def apply_rtn(model, options: RecipeOptions, progress: bool = True) -> None:
+    """Round-to-nearest weights with min-max ranges, every decoder linear layer (WxA16)."""
+    spec = weight_spec(options)
+    check_group_size(model, options.group_size)
     replace_linears(model, lambda name, linear: FakeQuantLinear.from_linear(linear, spec), progress=progress)
 
 
+def check_int8_only(method: str, options: RecipeOptions) -> RecipeOptions:
+    if options.bits not in (None, 8):
+        raise RecipeError(f"{method} uses 8-bit integers only; drop --bits or pass --bits 8")
+    if options.group_size is not None or options.granularity not in (None, "channel"):
+        raise RecipeError(f"{method} scales weights per output channel; drop --group-size and --granularity")
+    return replace(options, bits=8)
+
+
+def check_w8a8(options: RecipeOptions) -> RecipeOptions:
+    if options.act_granularity not in ("token", "tensor"):
+        raise RecipeError(f"--act-granularity must be 'token' or 'tensor', got {options.act_granularity!r}")
+    return check_int8_only("w8a8", options)
+
+
+def apply_w8a8(model, options: RecipeOptions, progress: bool = True) -> None:
+    """int8 weights per output channel x int8 activations per token or per tensor (dynamic)."""
+    make = lambda name, linear: W8A8Linear.from_linear(linear, act_granularity=options.act_granularity)  # noqa: E731
+    replace_linears(model, make, progress=progress)
+
+
+def check_llm_int8(options: RecipeOptions) -> RecipeOptions:
+    if not options.threshold > 0:
+        raise RecipeError(f"--threshold must be positive, got {options.threshold}")
+    return check_int8_only("llm_int8", options)
+
+
+def apply_llm_int8(model, options: RecipeOptions, progress: bool = True) -> None:
+    """LLM.int8(): vector-wise int8, input columns with any |x| >= threshold kept in float."""
+    make = lambda name, linear: LLMInt8Linear.from_linear(linear, threshold=options.threshold)  # noqa: E731
+    replace_linears(model, make, progress=progress)
+
+
 METHODS: dict[str, Recipe] = {
-    "rtn": Recipe("rtn", "round-to-nearest weights, min-max per channel or per group", apply_rtn),
-}
+    "rtn": Recipe(
+        "rtn", "round-to-nearest weights, min-max per tensor, per channel or per group", check_rtn, apply_rtn,
+        ("bits", "group_size", "symmetric", "granularity", "zero_point"),
+    ),
+    "w8a8": Recipe(
+        "w8a8", "int8 weights per channel x int8 activations per token or per tensor", check_w8a8, apply_w8a8,
+        ("bits", "act_granularity"),
+    ),
+    "llm_int8": Recipe(
+        "llm_int8", "LLM.int8(): vector-wise int8 with outlier columns in float", check_llm_int8, apply_llm_int8,
+        ("bits", "threshold"),
+    ),
+}  # fmt: skip
 
 
 def eval_windows(tokenizer, count: int | None = None) -> torch.Tensor:
@@ -85,34 +173,30 @@ def eval_windows(tokenizer, count: int | None = None) -> torch.Tensor:
     return token_windows(tokenizer, "heldout", EVAL_WINDOW_LENGTH, count)
 
 
-def evaluate_recipe(
-    method: str,
-    bits: int,
-    group_size: int | None = None,
-    symmetric: bool = True,
-    windows: int | None = None,
-    progress: bool = True,
-) -> dict:
+def evaluate_recipe(method: str, options: RecipeOptions, windows: int | None = None, progress: bool = True) -> dict:
     """Quantize the reference model with one recipe and score it on held-out text.
 
-    Returns a flat dict: method, bits, group_size, symmetric, ppl, ref_ppl, kld,
-    top1_agreement, bits_per_weight, eval_tokens, seconds (wall time, model load included),
-    plus the versions the figures depend on.
+    Returns a flat dict: method, the recipe's options (bits, group_size, ...), ppl, ref_ppl,
+    kld, top1_agreement, bits_per_weight, eval_tokens, seconds (wall time, model load
+    included), plus the versions the figures depend on.
     """
     started = time.perf_counter()
     if method not in METHODS:
         raise RecipeError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-    check_bits(bits)
+    recipe = METHODS[method]
+    options = recipe.check(options)  # before the model load, so a typo fails at once
     model, tokenizer = load_reference_model()
-    check_group_size(model, group_size)
+    check_group_size(model, options.group_size)
     reference = reference_logprobs(model, eval_windows(tokenizer, windows), progress=progress)
-    METHODS[method].apply(model, bits=bits, group_size=group_size, symmetric=symmetric, progress=progress)
+    recipe.apply(model, options, progress)
     scores = compare_to_reference(model, reference, progress=progress)
+    settings = {name: getattr(options, name) for name in recipe.columns}
+    if "granularity" in settings:
+        settings["granularity"] = options.weight_granularity()
     return {
         "method": method,
-        "bits": bits,
-        "group_size": group_size,
-        "symmetric": symmetric,
+        "group_size": None,
+        **settings,
         "ppl": scores.ppl,
         "ref_ppl": scores.ref_ppl,
         "kld": scores.kld,

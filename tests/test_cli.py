@@ -32,9 +32,26 @@ def test_eval_group_asymmetric_table():
     result = run_cli("eval", "--method", "rtn", "--bits", "4", "--group-size", "64", "--asymmetric")
     assert result.returncode == 0, result.stderr
     header, line = result.stdout.strip().splitlines()[-2:]
-    assert header.split()[:4] == ["method", "bits", "group", "grid"]
-    assert line.split()[:4] == ["rtn", "4", "64", "asym"]
+    assert header.split()[:3] == ["method", "settings", "ppl"]
+    assert line.split()[:4] == ["rtn", "int4", "g64", "asym"]
     assert float(line.split()[-3]) == pytest.approx(4 + 20 / 64)  # bits per weight column
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--method", "rtn", "--bits", "8", "--granularity", "tensor"], {"granularity": "tensor", "bits": 8}),
+        (["--method", "w8a8", "--act-granularity", "tensor"], {"act_granularity": "tensor", "bits": 8}),
+        (["--method", "llm_int8", "--threshold", "6"], {"threshold": 6.0, "bits": 8}),
+    ],
+)
+def test_eval_other_methods_report_their_settings(args, expected):
+    result = run_cli("eval", *args, "--json", "--windows", "1")
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)
+    assert expected.items() <= row.items()
+    assert EVAL_KEYS <= row.keys() and row["eval_tokens"] == 511
+    assert row["ref_ppl"] < row["ppl"] < 3 * row["ref_ppl"]  # per-tensor W8A8 loses most, ~+80%
 
 
 @pytest.mark.parametrize(
@@ -46,6 +63,11 @@ def test_eval_group_asymmetric_table():
         (["--method", "rtn", "--bits", "4", "--group-size", "100"], "--group-size 100 does not divide the input width 576"),
         (["--method", "rtn", "--bits", "4", "--group-size", "0"], "--group-size must be positive"),
         (["--method", "rtn", "--bits", "four"], "invalid int value: 'four'"),
+        (["--method", "rtn"], "--bits must be an integer from 2 to 8, got None"),
+        (["--method", "rtn", "--bits", "4", "--granularity", "group"], "--granularity group needs --group-size"),
+        (["--method", "w8a8", "--bits", "4"], "w8a8 uses 8-bit integers only"),
+        (["--method", "llm_int8", "--threshold", "-1"], "--threshold must be positive, got -1.0"),
+        (["--method", "w8a8", "--group-size", "64"], "w8a8 scales weights per output channel"),
     ],
 )
 def test_eval_bad_arguments_fail_with_a_clear_message(args, message):

@@ -7,7 +7,7 @@ import torch
 
 from quantcourse import evaluate
 from quantcourse.corpus import token_windows
-from quantcourse.recipes import apply_rtn
+from quantcourse.recipes import RecipeOptions, apply_rtn
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_reference_against_itself_scores_zero_divergence(reference, windows):
 
 def test_kld_and_agreement_of_a_changed_model_match_torch(reference, fresh_model, windows):
     ref = evaluate.reference_logprobs(fresh_model, windows, progress=False)
-    apply_rtn(fresh_model, bits=3, group_size=None, symmetric=True, progress=False)
+    apply_rtn(fresh_model, RecipeOptions(bits=3), progress=False)
     scores = evaluate.compare_to_reference(fresh_model, ref, progress=False)
     kld, agree, count = 0.0, 0, 0
     with torch.no_grad():
@@ -88,7 +88,7 @@ def test_weight_error_on_a_known_example():
 def test_bits_per_weight_counts_scales_and_zeros(fresh_model, bits, group_size, symmetric, expected):
     # one decoder layer is enough for the count, and much faster to quantize
     fresh_model.model.layers = fresh_model.model.layers[:1]
-    apply_rtn(fresh_model, bits=bits, group_size=group_size, symmetric=symmetric, progress=False)
+    apply_rtn(fresh_model, RecipeOptions(bits=bits, group_size=group_size, symmetric=symmetric), progress=False)
     assert evaluate.model_bits_per_weight(fresh_model) == pytest.approx(expected)
 
 
