@@ -145,6 +145,20 @@ def cmd_eval(args, parser) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from .autograder.engine import grade_notebook
+    from .autograder.notebook import NotebookError
+    from .autograder.render import as_text
+
+    try:
+        report = grade_notebook(args.notebook)
+    except (NotebookError, ValueError) as error:
+        print(f"quantcourse check: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.to_json()) if args.json else as_text(report.to_json()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .recipes import METHODS
 
@@ -155,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--port", type=int, help="port (default: the first free one from 8888)")
     lab.add_argument("--token", help="access token (default: a random one, printed)")
     lab.add_argument("--no-browser", action="store_true", help="do not open a browser")
+
+    check = commands.add_parser("check", help="grade a lab notebook and explain what is wrong (never modifies it)")
+    check.add_argument("notebook", help="path of a lab notebook, e.g. labs/01_affine/student/01_affine.ipynb")
+    check.add_argument("--json", action="store_true", help="print one JSON object")
 
     info = commands.add_parser("info", help="versions, models, GPU and cache location")
     info.add_argument("--json", action="store_true", help="print one JSON object")
@@ -188,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_lab(args)
     if args.command == "info":
         return cmd_info(args)
+    if args.command == "check":
+        return cmd_check(args)
     return cmd_eval(args, args.parser)
 
 
