@@ -77,7 +77,8 @@ def grade(key: str) -> float:
     The return value is what nbgrader records as the cell's partial credit.
     """
     notebook = current_notebook(key)
-    report = grade_in_subprocess(notebook, [key])
+    # under `nbgrader autograde` the output becomes classroom feedback: no failing inputs in it
+    report = grade_in_subprocess(notebook, [key], hide_inputs="NBGRADER_EXECUTION" in os.environ)
     print(as_text(report))
     print(saved_note(notebook))
     return float(report["score"])

@@ -38,7 +38,7 @@ def encode(value, depth: int = 0):
     if depth > 20:
         return {"__unsupported__": "nesting deeper than 20"}
     if isinstance(value, torch.Tensor):
-        t = value.detach().cpu().contiguous()
+        t = value.detach().cpu().clone(memory_format=torch.contiguous_format)
         data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         return {"__tensor__": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "data": base64.b64encode(data).decode()}
     if type(value).__module__ == "numpy" and hasattr(value, "dtype"):

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 from . import testing
 from .notebook import read_notebook, read_submission
@@ -27,6 +28,7 @@ from .sandbox import LearnerFailure, LoadReport, Sandbox, SandboxLimits
 
 SUITES = Path(__file__).resolve().parent / "suites"
 SIMILARITY_FLAG = 0.9  # normalised-AST similarity to the reference above which a function is flagged
+SIMILARITY_MIN_NODES = 60  # shorter functions have too few ways to be written to say anything
 
 
 @dataclass
@@ -157,9 +159,14 @@ def run_suite(
     plugin = GradingPlugin(sandbox, keys, aliases or {})
     args = [
         str(suite_path(lab, suites)), "-p", "no:terminal", "-p", "no:cacheprovider", "-p", "no:xdist",
-        "-p", "no:randomly", "--import-mode=importlib", "--rootdir", str(SUITES), "-c", str(SUITES / "pytest.ini"),
+        "-p", "no:randomly", "-p", "no:unraisableexception", "--import-mode=importlib", "--rootdir", str(SUITES), "-c", str(SUITES / "pytest.ini"),
     ]  # fmt: skip
-    code = pytest.main(args, plugins=[plugin])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the suites' tensors are tiny: threads only add overhead
+    try:
+        code = pytest.main(args, plugins=[plugin])
+    finally:
+        torch.set_num_threads(threads)
     if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED, pytest.ExitCode.NO_TESTS_COLLECTED):
         raise RuntimeError(f"the grading suite of lab {lab} could not run (pytest exit code {code})")
     return plugin.results
@@ -207,6 +214,8 @@ def similarity_to_reference(sources: dict[int, str], graded: dict) -> dict[str, 
         if learner is None:
             continue
         a, b = normalised_ast(learner), normalised_ast(inspect.getsource(reference))
+        if min(len(a), len(b)) < SIMILARITY_MIN_NODES:
+            continue
         scores[name] = round(difflib.SequenceMatcher(None, a, b, autojunk=False).ratio(), 3)
     return scores
 

@@ -10,7 +10,6 @@ cell (that cell alone is lost).
 """
 
 import ast
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,8 +116,3 @@ def read_submission(path: Path) -> Submission:
         if code.strip():
             cells.append(Cell(index, code))
     return Submission(Path(path), cells, sources, lab_of(notebook, Path(path)))
-
-
-def notebook_json(path: Path) -> dict:
-    """The raw JSON of a notebook (for tests and tools that rewrite cells)."""
-    return json.loads(Path(path).read_text())

@@ -159,6 +159,19 @@ def cmd_check(args) -> int:
     return 0
 
 
+def cmd_labs(args) -> int:
+    from .autograder import student
+
+    if args.check:
+        stale = student.stale_labs()
+        for lab in stale:
+            print(f"{lab}: the committed student copy is stale; run `quantcourse labs` and commit it", file=sys.stderr)
+        return 1 if stale else 0
+    for line in student.write_student_copies():
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .recipes import METHODS
 
@@ -173,6 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="grade a lab notebook and explain what is wrong (never modifies it)")
     check.add_argument("notebook", help="path of a lab notebook, e.g. labs/01_affine/student/01_affine.ipynb")
     check.add_argument("--json", action="store_true", help="print one JSON object")
+
+    labs = commands.add_parser("labs", help="write each lab's student copy with nbgrader (never over your edits)")
+    labs.add_argument("--check", action="store_true", help="only report labs whose committed student copy is stale")
+
+    classroom = commands.add_parser("classroom", help="nbgrader course: create it from the labs, grade collected submissions")
+    steps = classroom.add_subparsers(dest="step", required=True)
+    init = steps.add_parser("init", help="create an nbgrader course directory (nbgrader_config.py, source/, gradebook.db)")
+    init.add_argument("directory", type=Path)
+    init.add_argument("--labs", nargs="+", help="only these labs (default: every lab with a grading suite)")
+    grade = steps.add_parser("grade", help="grade every collected submission into nbgrader's gradebook and write feedback")
+    grade.add_argument("directory", type=Path)
+    grade.add_argument("assignment", help="the assignment (lab) to grade, e.g. 01_affine")
+    grade.add_argument("--workers", type=int, default=2, help="notebooks graded at once (default 2)")
+    grade.add_argument("--student", action="append", dest="students", help="only this student (repeatable)")
 
     info = commands.add_parser("info", help="versions, models, GPU and cache location")
     info.add_argument("--json", action="store_true", help="print one JSON object")
@@ -204,10 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "lab":
         return cmd_lab(args)
+    if args.command == "classroom":
+        from .autograder.classroom import cmd_classroom
+
+        return cmd_classroom(args)
     if args.command == "info":
         return cmd_info(args)
     if args.command == "check":
         return cmd_check(args)
+    if args.command == "labs":
+        return cmd_labs(args)
     return cmd_eval(args, args.parser)
 
 
