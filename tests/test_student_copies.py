@@ -6,6 +6,7 @@ import json
 import pytest
 
 from quantcourse.autograder import student
+from quantcourse.autograder.notebook import GRADE_CALL
 
 
 def test_every_lab_has_a_student_copy():
@@ -24,8 +25,9 @@ def test_student_copies_hold_no_solutions_or_hidden_tests():
     for lab in student.source_notebooks():
         text = student.student_path(lab).read_text()
         assert "### BEGIN SOLUTION" not in text and "### BEGIN HIDDEN TESTS" not in text
-        assert 'grade(\\"' not in text
         cells = json.loads(text)["cells"]
+        code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+        assert not any(GRADE_CALL.search(source) for source in code), "a hidden grade() call was left in"
         assert any("raise NotImplementedError()" in "".join(c["source"]) for c in cells)
 
 
