@@ -128,7 +128,8 @@ def matmul_rows(K: int, N: int, rows: list[int], read_bps: float, nf4) -> list[d
             out.append({"kernel": name, "K": K, "N": N, "M": M, "us": us, "weight_bytes": nbytes,
                         "weight_GBps": nbytes / us / 1e3, "read_fraction": nbytes / (us * 1e-6) / read_bps})  # fmt: skip
         out.append({"kernel": "configs", "K": K, "N": N, "M": M,
-                    "w4a16": str((w4._w4a16_gemv_kernel if M == 1 else w4._w4a16_gemm_kernel).best_config),
+                    "w4a16": "dequantize_int4 + cuBLAS" if M >= w4.DEQUANTIZE_MIN_M else
+                    str((w4._w4a16_gemv_kernel if M == 1 else w4._w4a16_gemm_kernel).best_config),
                     "w8a8": str(w8._int8_matmul_kernel.best_config)})  # fmt: skip
         fp16 = next(r["us"] for r in out if r["kernel"] == "fp16" and r["M"] == M)
         for r in out:

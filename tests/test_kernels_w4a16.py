@@ -134,3 +134,33 @@ def test_errors_speak_to_the_learner(device):
         w4a16_matmul(x, qweight, scales, qzeros, group_size=16)
     with pytest.raises(TypeError, match="qweight must have dtype int32"):
         w4a16_matmul(x, qweight.to(torch.int64), scales, qzeros, group_size=32)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the fp16-pair decoding is inline PTX: GPU only")
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_fp16_pairs_and_float32_decoding_agree(symmetric, monkeypatch):
+    """The same fp16 product through the fp16-pair path and the float32 path, both near the twin;
+    group 64 with 128-wide tiles takes a scale per word row in the GEMV."""
+    from quantcourse.kernels import w4a16
+
+    for N, K, group in [(4096, 4096, 128), (1536, 576, 64)]:
+        qweight, scales, qzeros, _ = quantized_weight(N, K, group, symmetric, False, "cuda")
+        for M in (1, 16):
+            x = torch.randn(M, K, device="cuda").half()
+            ref = reference_matmul(x, qweight, scales, qzeros, None, group)
+            monkeypatch.setattr(w4a16, "F16X2_ENABLED", True)
+            pairs = w4a16_matmul(x, qweight, scales, qzeros, group_size=group)
+            monkeypatch.setattr(w4a16, "F16X2_ENABLED", False)
+            float32 = w4a16_matmul(x, qweight, scales, qzeros, group_size=group)
+            assert relative_error(pairs, ref) < TOLERANCE[torch.float16], (N, K, M)
+            assert relative_error(float32, ref) < TOLERANCE[torch.float16], (N, K, M)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the prefill path runs on a GPU only")
+def test_prefill_rows_take_dequantize_then_cublas():
+    from quantcourse.kernels.w4a16 import DEQUANTIZE_MIN_M
+
+    qweight, scales, qzeros, _ = quantized_weight(1024, 512, 128, False, False, "cuda")
+    x = torch.randn(DEQUANTIZE_MIN_M + 3, 512, device="cuda").half()
+    ref = reference_matmul(x, qweight, scales, qzeros, None, 128)
+    assert relative_error(w4a16_matmul(x, qweight, scales, qzeros), ref) < TOLERANCE[torch.float16]
