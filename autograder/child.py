@@ -8,10 +8,14 @@ Inside the learner process:
   reference is the answer key), to start processes and to open network connections; every
   refusal is reported to the grader;
 - resource limits cap memory and CPU time; the grader adds a wall-clock timeout per call;
-- the learner's prints go to a bounded buffer; only the first few kilobytes are kept.
+- the learner's prints go to a bounded buffer; only the first few kilobytes are kept;
+- Triton kernels run in Triton's CPU interpreter (the sandbox sets TRITON_INTERPRET=1), and a
+  load or store outside the tensors a kernel was given raises IndexError (`watch_triton_memory`).
+  Cells are compiled under the file names "<learner cell N>" with their source in linecache,
+  which is where @triton.jit and inspect find a kernel's source.
 
 Objects of dataclasses (an `AffineSpec`, say) travel as their fields and arrive as a
-`types.SimpleNamespace`: attribute access works, methods do not.
+`types.SimpleNamespace`: attribute access works, methods do not. torch dtypes travel by name.
 
 Protocol: the grader writes one JSON request per line on stdin; answers go, one JSON object per
 line, to the file descriptor named by QUANTCOURSE_SANDBOX_FD. Tensors travel as raw bytes
@@ -32,11 +36,13 @@ OUTPUT_LIMIT = 4000  # characters of learner output kept per call
 
 
 def encode(value, depth: int = 0):
-    """Plain-data form of a learner's result: tensors, arrays, numbers, strings, containers."""
+    """Plain-data form of a learner's result: tensors, dtypes, arrays, numbers, strings, containers."""
     import torch
 
     if depth > 20:
         return {"__unsupported__": "nesting deeper than 20"}
+    if isinstance(value, torch.dtype):
+        return {"__dtype__": str(value).removeprefix("torch.")}
     if isinstance(value, torch.Tensor):
         t = value.detach().cpu().clone(memory_format=torch.contiguous_format)
         data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
@@ -65,6 +71,9 @@ def decode(value):
         return [decode(v) for v in value]
     if not isinstance(value, dict):
         return value
+    if "__dtype__" in value:
+        dtype = getattr(torch, str(value["__dtype__"]), None)
+        return dtype if isinstance(dtype, torch.dtype) else Unsupported(f"dtype {value['__dtype__']!r}")
     if "__tensor__" in value:
         dtype = getattr(torch, value["__tensor__"])
         raw = bytearray(base64.b64decode(value["data"]))
@@ -147,6 +156,83 @@ def apply_limits(memory_mb: int, cpu_seconds: int) -> None:
 CELL_FILE = "<learner cell {}>"
 
 
+def watch_triton_memory() -> None:
+    """Under Triton's interpreter, make a tl.load or tl.store outside every tensor the kernel was
+    given raise IndexError, instead of reading or overwriting whatever memory lies there.
+
+    Neither a GPU nor the interpreter checks: a block that runs past the edge of a tensor with no
+    mask reads garbage or overwrites a neighbour, and the damage shows up elsewhere, or never.
+    Here every unmasked address is checked against the storage of the kernel's tensor arguments.
+    Installed once the learner's code has loaded the interpreter (TRITON_INTERPRET=1, set by the
+    sandbox); a Triton without these internals is left unchecked.
+    """
+    interpreter = sys.modules.get("triton.runtime.interpreter")
+    executor = getattr(interpreter, "GridExecutor", None)
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    if executor is None or builder is None or getattr(interpreter, "bounds_watched", False):
+        return
+    import numpy as np
+
+    interpreter.bounds_watched = True
+    run, load, store = executor.__call__, builder.create_masked_load, builder.create_masked_store
+    kernel = {"name": "", "spans": []}  # the running kernel: (first byte, end byte, name, element size) per tensor
+
+    def call(self, *args, **kwargs):
+        named = {**dict(zip(self.arg_names, args)), **kwargs}
+        spans = []
+        for name, value in named.items():
+            if hasattr(value, "untyped_storage"):
+                storage = value.untyped_storage()
+                spans.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes(), name, value.element_size()))
+        outer = dict(kernel)
+        kernel.update(name=self.fn.__name__, spans=spans)
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            kernel.update(outer)
+
+    def where(address: int) -> str:
+        def distance(span):
+            start, end = span[:2]
+            return start - address if address < start else max(0, address - end + 1)
+
+        start, end, name, size = min(kernel["spans"], key=distance)
+        index, length = (address - start) // size, (end - start) // size
+        if address < start:
+            return f"{-index} element(s) before the start of {name}"
+        return f"element {index} of {name}, which holds {length}"
+
+    def check(op: str, ptrs, mask) -> None:
+        if not kernel["spans"]:
+            return
+        addresses = ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)].astype(np.int64)
+        size = interpreter._get_np_dtype(ptrs.get_element_ty()).itemsize
+        inside = np.zeros(addresses.shape, dtype=bool)
+        for start, end, _, _ in kernel["spans"]:
+            inside |= (addresses >= start) & (addresses + size <= end)
+        if inside.all():
+            return
+        frames = [f for f in traceback.extract_stack() if f.filename.startswith("<learner cell ")]
+        line = f" (cell {frames[-1].filename[14:-1]}, line {frames[-1].lineno})" if frames else ""
+        example = "tl.load(ptrs, mask=offs < n, other=0)" if op == "load" else "tl.store(ptrs, value, mask=offs < n)"
+        raise IndexError(
+            f"out-of-bounds tl.{op} in {kernel['name']}{line}: {int((~inside).sum())} of its "
+            f"{addresses.size} unmasked addresses lie outside every tensor passed to the kernel; the "
+            f"first is {where(int(addresses[~inside][0]))}. A block that runs past the edge of a "
+            f"tensor needs a mask: {example}"
+        )
+
+    def masked_load(self, ptrs, mask, other, *args):
+        check("load", ptrs, mask)
+        return load(self, ptrs, mask, other, *args)
+
+    def masked_store(self, ptrs, value, mask, *args):
+        check("store", ptrs, mask)
+        return store(self, ptrs, value, mask, *args)
+
+    executor.__call__, builder.create_masked_load, builder.create_masked_store = call, masked_load, masked_store
+
+
 def error_info(error: BaseException) -> dict:
     """Type, message and the learner's part of the traceback (frames of their cells only)."""
     frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename.startswith("<learner cell ")]
@@ -190,6 +276,7 @@ def serve() -> None:
             names = sorted(k for k, v in namespace.items() if callable(v) and not k.startswith("__"))
             send({"event": "loaded", "names": names})
         elif request["op"] == "call":
+            watch_triton_memory()
             function = namespace.get(request["name"])
             try:
                 if not callable(function):

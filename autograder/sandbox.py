@@ -100,6 +100,7 @@ class Sandbox:
             "QUANTCOURSE_MEMORY_MB": str(self.limits.memory_mb),
             "QUANTCOURSE_CPU_SECONDS": str(self.limits.cpu_seconds),
             "OMP_NUM_THREADS": "1",
+            "TRITON_INTERPRET": "1",  # before the learner's cells import triton: kernels run on CPU tensors
             "PYTHONDONTWRITEBYTECODE": "1",
         }
         env.pop("PYTHONPATH", None)

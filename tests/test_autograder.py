@@ -239,3 +239,51 @@ def test_report_json_has_the_documented_keys(suites, tmp_path):
     assert report["score"] == 1 and report["max_score"] == 2
     assert all(set(t) == {"name", "points", "max_points", "status", "feedback"} for t in report["tests"])
     assert json.loads(json.dumps(report)) == report
+
+
+TRITON_CELL = """
+import os
+import torch
+import triton
+import triton.language as tl
+
+@triton.jit
+def _double_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n if MASKED else offs >= 0
+    tl.store(out_ptr + offs, 2 * tl.load(x_ptr + offs, mask=ok, other=0.0), mask=ok)
+
+def double(x, masked=True):
+    out = torch.empty_like(x)
+    _double_kernel[(triton.cdiv(x.numel(), 16),)](x, out, x.numel(), BLOCK=16, MASKED=masked)
+    return out
+
+def interpreter_flag():
+    return os.environ.get("TRITON_INTERPRET")
+
+def same(value):
+    return value
+
+def cheat():
+    import quantcourse.kernels.w4a16
+"""
+
+
+def test_learner_process_runs_triton_kernels_under_the_interpreter():
+    """Lab 10: a kernel defined in a notebook cell runs in the learner process (TRITON_INTERPRET=1,
+    its source found through linecache); an out-of-bounds access raises IndexError there instead
+    of touching memory; dtypes travel; the reference kernels stay out of reach."""
+    import torch
+
+    from quantcourse.autograder.sandbox import Cell, Forbidden, LearnerError, Sandbox
+
+    with Sandbox([Cell(1, TRITON_CELL)]) as box:
+        assert box.call("interpreter_flag") == "1"
+        x = torch.arange(40, dtype=torch.float32)
+        assert torch.equal(box.call("double", x), 2 * x)
+        with pytest.raises(LearnerError, match=r"out-of-bounds tl.load in _double_kernel \(cell 1, line 11\).*element 40 of x_ptr, which holds 40"):
+            box.call("double", x, masked=False)
+        assert torch.equal(box.call("double", x[:17]), 2 * x[:17]), "the process keeps working after the refusal"
+        assert box.call("same", torch.float16) is torch.float16
+        with pytest.raises(Forbidden, match="import quantcourse"):
+            box.call("cheat")
