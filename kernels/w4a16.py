@@ -563,7 +563,10 @@ def _check_inputs(x, qweight, scales, qzeros, g_idx, group_size, bias):
 def _launch(kernel, grid, x, out, qweight, scales, qzeros, g_idx, bias, group, cpu_config, sizes, constants):
     """Both kernels take the same pointers and flags; None tensors get a stand-in pointer."""
     M, N = out.shape
-    max_split = max(c.kwargs["SPLIT_K"] for c in kernel.configs) if M <= GEMM_SPLIT_K_MAX_M else 1
+    if interpreting():  # the interpreter runs cpu_config, whatever M
+        max_split = cpu_config["SPLIT_K"]
+    else:
+        max_split = max(c.kwargs["SPLIT_K"] for c in kernel.configs) if M <= GEMM_SPLIT_K_MAX_M else 1
     partial, count = split_k_workspace(out.device, max_split * M * N, triton.cdiv(M, 16) * triton.cdiv(N, 16))
     launch(
         kernel, grid, x, qweight, scales, qweight if qzeros is None else qzeros, qweight if g_idx is None else g_idx,

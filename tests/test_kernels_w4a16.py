@@ -27,7 +27,7 @@ WEIGHTS = {
     "cpu": [(40, 96, 32, True, False), (40, 80, 16, False, False), (24, 64, 8, False, True)],
     "cuda": [(4096, 4096, 128, True, False), (11008, 4096, 128, False, False), (1536, 576, 64, True, True)],
 }
-ROWS = {"cpu": [2, 17], "cuda": [16, 333]}  # GEMM: M; the GEMV takes M = 1
+ROWS = {"cpu": [2, 17, 70], "cuda": [16, 333]}  # GEMM: M (70: past GEMM_SPLIT_K_MAX_M); the GEMV takes M = 1
 
 
 def quantized_weight(N, K, group, symmetric, act_order, device, seed=0):
