@@ -12,6 +12,9 @@ triton).
   rescale; `TritonW8A8Linear` (twin: reference_impl.llm_int8).
 - `w4a16`: 4-bit weight x fp16/bf16 activation GEMV (M = 1) and GEMM (M >= 2), split-K,
   optional act-order g_idx; `TritonW4A16Linear` (twin: reference_impl.w4a16).
+- `nf4`: bitsandbytes' 4-bit layout (NF4/FP4, plain or double-quantized absmax): dequantize,
+  the fused GEMV (code book in registers on a GPU) and GEMM; `TritonLinear4bit` (twin:
+  reference_impl.nf4).
 - `common`: input checks and the launch helper (autotuned on a GPU, one fixed configuration
   under the interpreter).
 

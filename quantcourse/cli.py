@@ -109,6 +109,8 @@ def recipe_label(row: dict) -> str:
         parts += ["W8A8", f"act per {row['act_granularity']}"]
     if row.get("threshold") is not None:
         parts += ["int8", f"threshold {row['threshold']:g}"]
+    if row.get("double_quant") is not None:
+        parts += [f"block {row['group_size']}", "double quant" if row["double_quant"] else "fp32 absmax"]
     return " ".join(parts)
 
 
@@ -136,6 +138,7 @@ def cmd_eval(args, parser) -> int:
         zero_point=args.zero_point,
         act_granularity=args.act_granularity,
         threshold=args.threshold,
+        double_quant=args.double_quant,
     )
     try:
         row = evaluate_recipe(args.method, options, windows=args.windows, progress=not args.json and sys.stderr.isatty())
@@ -213,13 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
     evaluate.add_argument("--bits", type=int, help="bits per weight code, 2..8 (rtn: required; w8a8, llm_int8: 8)")
     evaluate.add_argument("--granularity", choices=["tensor", "channel", "group"], help="weight scales per tensor, per output channel (default) or per group")
-    evaluate.add_argument("--group-size", type=int, help="weights per scale along the input dimension (implies --granularity group)")
+    evaluate.add_argument("--group-size", type=int, help="weights per scale along the input dimension (implies --granularity group); nf4, fp4, int4_absmax: blocksize over the flattened weight, 32..4096, default 64")
     grid = evaluate.add_mutually_exclusive_group()
     grid.add_argument("--symmetric", dest="symmetric", action="store_true", default=True, help="signed grid, zero point 0 (default)")
     grid.add_argument("--asymmetric", dest="symmetric", action="store_false", help="unsigned grid with a zero point")
     evaluate.add_argument("--zero-point", choices=["integer", "float"], default="integer", help="asymmetric grids: integer zero point (GPTQ/AWQ, default) or float minimum (llama.cpp Q4_1)")
     evaluate.add_argument("--act-granularity", choices=["token", "tensor"], default="token", help="w8a8: activation scales per token (default) or per tensor")
     evaluate.add_argument("--threshold", type=float, default=6.0, help="llm_int8: input columns with any |x| >= this stay in float (default 6.0)")
+    evaluate.add_argument("--double-quant", action="store_true", help="nf4, fp4: quantize the block absmax to 8 bits (QLoRA's double quantization, 4.127 bits per weight at block 64)")
     evaluate.add_argument("--windows", type=int, help="held-out windows of 512 tokens (default 32; 4 in fast mode)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     evaluate.set_defaults(parser=evaluate)

@@ -11,6 +11,7 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
@@ -19,6 +20,7 @@ from .evaluate import compare_to_reference, model_bits_per_weight, reference_log
 from .models import load_reference_model
 from .reference_impl.affine import MAX_BITS, MIN_BITS, AffineSpec, Granularity, ZeroPoint
 from .reference_impl.llm_int8 import LLM_INT8_THRESHOLD, LLMInt8Linear, W8A8Linear
+from .reference_impl.nf4 import BLOCKSIZES, Linear4bit
 from .reference_impl.rtn import FakeQuantLinear
 from .runtime import fast_mode
 from .surgery import linear_layers, replace_linears
@@ -39,7 +41,8 @@ class RecipeOptions:
     granularity: "tensor", "channel" or "group" for weight scales (None: "group" when a group
     size is given, else "channel"). zero_point: "integer" or "float" (asymmetric grids; "float"
     is llama.cpp's Q4_1 form x = s * q + min). act_granularity: "token" or "tensor" for W8A8 activations.
-    threshold: LLM.int8()'s outlier threshold on |x|.
+    threshold: LLM.int8()'s outlier threshold on |x|. double_quant: nf4/fp4 quantize their block
+    absmax to 8 bits (bitsandbytes' compress_statistics, QLoRA's double quantization).
     """
 
     bits: int | None = None
@@ -49,6 +52,7 @@ class RecipeOptions:
     zero_point: ZeroPoint = "integer"
     act_granularity: str = "token"
     threshold: float = LLM_INT8_THRESHOLD
+    double_quant: bool = False
 
     def weight_granularity(self) -> Granularity:
         return self.granularity or ("group" if self.group_size is not None else "channel")
@@ -61,6 +65,7 @@ class Recipe:
     check: Callable[[RecipeOptions], RecipeOptions]  # refuse bad options, fill in defaults
     apply: Callable[[object, RecipeOptions, bool], None]  # apply(model, options, progress)
     columns: tuple[str, ...]  # the options this recipe reports in its results row
+    groups_tile_rows: bool = True  # groups run along each row and must tile it; False: blocks of the flattened weight
 
 
 def check_bits(bits: int | None) -> None:
@@ -150,6 +155,32 @@ def apply_llm_int8(model, options: RecipeOptions, progress: bool = True) -> None
     replace_linears(model, make, progress=progress)
 
 
+def check_4bit_blocks(method: str, options: RecipeOptions) -> RecipeOptions:
+    """nf4, fp4, int4_absmax: 4-bit codes, one absmax per block of the flattened weight."""
+    if options.bits not in (None, 4):
+        raise RecipeError(f"{method} stores 4-bit codes; drop --bits or pass --bits 4")
+    if options.granularity not in (None, "group") or not options.symmetric or options.zero_point != "integer":
+        raise RecipeError(
+            f"{method} scales each block of --group-size weights by its absmax; drop --granularity, "
+            "--asymmetric and --zero-point"
+        )
+    block = 64 if options.group_size is None else options.group_size
+    if block not in BLOCKSIZES:
+        raise RecipeError(
+            f"--group-size for {method} is bitsandbytes' blocksize: one of {', '.join(map(str, BLOCKSIZES))}, got {block}"
+        )
+    if options.double_quant and method == "int4_absmax":
+        raise RecipeError("--double-quant applies to nf4 and fp4 (bitsandbytes' compress_statistics), not int4_absmax")
+    return replace(options, bits=4, group_size=block)
+
+
+def apply_4bit_blocks(quant_type: str, model, options: RecipeOptions, progress: bool = True) -> None:
+    """4-bit codes from a code book (NF4, FP4) or the INT4 grid, blocks over the flattened weight
+    (so a block may span rows: 576-wide rows take blocks of 128), optional double quantization."""
+    make = lambda name, linear: Linear4bit.from_linear(linear, quant_type, options.group_size, options.double_quant)  # noqa: E731
+    replace_linears(model, make, progress=progress)
+
+
 METHODS: dict[str, Recipe] = {
     "rtn": Recipe(
         "rtn", "round-to-nearest weights, min-max per tensor, per channel or per group", check_rtn, apply_rtn,
@@ -162,6 +193,18 @@ METHODS: dict[str, Recipe] = {
     "llm_int8": Recipe(
         "llm_int8", "LLM.int8(): vector-wise int8 with outlier columns in float", check_llm_int8, apply_llm_int8,
         ("bits", "threshold"),
+    ),
+    "nf4": Recipe(
+        "nf4", "NF4 (QLoRA, bitsandbytes): normal-quantile code book, absmax per block, --double-quant",
+        partial(check_4bit_blocks, "nf4"), partial(apply_4bit_blocks, "nf4"), ("bits", "group_size", "double_quant"), groups_tile_rows=False,
+    ),
+    "fp4": Recipe(
+        "fp4", "bitsandbytes' FP4 code book, absmax per block, --double-quant",
+        partial(check_4bit_blocks, "fp4"), partial(apply_4bit_blocks, "fp4"), ("bits", "group_size", "double_quant"), groups_tile_rows=False,
+    ),
+    "int4_absmax": Recipe(
+        "int4_absmax", "symmetric INT4 (absmax / 7) on nf4's blocks: QLoRA's Int4 baseline",
+        partial(check_4bit_blocks, "int4_absmax"), partial(apply_4bit_blocks, "int4_absmax"), ("bits", "group_size", "double_quant"), groups_tile_rows=False,
     ),
 }  # fmt: skip
 
@@ -184,9 +227,12 @@ def evaluate_recipe(method: str, options: RecipeOptions, windows: int | None = N
     if method not in METHODS:
         raise RecipeError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     recipe = METHODS[method]
+    if options.double_quant and "double_quant" not in recipe.columns:
+        raise RecipeError(f"--double-quant applies to nf4 and fp4 only, not {method}")
     options = recipe.check(options)  # before the model load, so a typo fails at once
     model, tokenizer = load_reference_model()
-    check_group_size(model, options.group_size)
+    if recipe.groups_tile_rows:
+        check_group_size(model, options.group_size)
     reference = reference_logprobs(model, eval_windows(tokenizer, windows), progress=progress)
     recipe.apply(model, options, progress)
     scores = compare_to_reference(model, reference, progress=progress)

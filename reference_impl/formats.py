@@ -243,12 +243,14 @@ def build_nf4_codebook(offset: float = NF4_OFFSET) -> torch.Tensor:
     dropped), 7 negative ones from 8 points the same way, and an exact 0 so that zero padding
     and zero weights stay exact. The asymmetry (8 vs 7) spends all 16 codes. Dividing by the
     largest maps the table onto [-1, 1]. The offset keeps the outermost quantile finite: with
-    p = 1 it would be infinite. Matches bitsandbytes' create_normal_map (which uses scipy) to 1e-7.
+    p = 1 it would be infinite. Equal to bitsandbytes' create_normal_map (which uses scipy), bit
+    for bit: like it, the probabilities are spaced in float32 and the quantiles divided in float32
+    (float64 throughout lands 1 ulp away on some values).
     """
-    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
-    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
-    values = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).sort().values
-    return (values / values.max()).to(torch.float32)
+    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double())
+    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double())
+    values = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).float().sort().values
+    return values / values.max()
 
 
 def check_codebook(codebook: torch.Tensor) -> None:

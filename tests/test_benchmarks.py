@@ -25,3 +25,25 @@ def test_baselines_script_in_fast_mode_writes_only_fast_files():
     assert ("w8a8", "tensor", None) in methods and ("llm_int8", None, None) in methods
     assert "Artifact: int4 g32 with a float zero point" in (RESULTS / "baselines.fast.md").read_text()
     assert (published.read_bytes() if published.exists() else None) == before
+
+
+@pytest.mark.slow
+def test_nf4_script_in_fast_mode_writes_only_fast_files():
+    published = RESULTS / "nf4.json"
+    before = published.read_bytes() if published.exists() else None
+    env = {**os.environ, "QUANTCOURSE_FAST": "1"}
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "nf4.py")], capture_output=True, text=True, env=env, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fast = json.loads((RESULTS / "nf4.fast.json").read_text())
+    assert fast["meta"]["fast_mode"] is True
+    assert {(r["format"], r["block"]) for r in fast["minilm"]} == {
+        (label, block) for label in ("INT4 absmax", "FP4", "NF4", "NF4 + double quant") for block in (64, 128)
+    }
+    assert {r["method"] for r in fast["smollm2"]} == {"int4_absmax", "fp4", "nf4"}
+    double_quant = next(r for r in fast["smollm2"] if r["double_quant"])
+    assert round(double_quant["bits_per_weight"], 3) == 4.127
+    nf4 = {r["block"]: r["mse"] for r in fast["minilm"] if r["format"] == "NF4"}
+    int4 = {r["block"]: r["mse"] for r in fast["minilm"] if r["format"] == "INT4 absmax"}
+    assert all(nf4[b] < int4[b] for b in (64, 128))  # MiniLM's real weights: NF4 fits them best
+    assert "## SmolLM2-135M" in (RESULTS / "nf4.fast.md").read_text()
+    assert (published.read_bytes() if published.exists() else None) == before

@@ -115,3 +115,37 @@ def test_lab_serves_the_course_on_loopback():
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_eval_nf4_with_double_quant():
+    result = run_cli("eval", "--method", "nf4", "--group-size", "64", "--double-quant", "--json", "--windows", "1")
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)
+    assert EVAL_KEYS <= row.keys()
+    assert (row["method"], row["bits"], row["group_size"], row["double_quant"]) == ("nf4", 4, 64, True)
+    assert 4.127 < row["bits_per_weight"] < 4.128  # 4 + 8/64 + 32/(64*256), plus an fp32 offset per layer
+    assert row["ref_ppl"] < row["ppl"] < 2 * row["ref_ppl"]
+
+
+def test_recipe_label_of_4bit_block_methods():
+    from quantcourse.cli import recipe_label
+
+    assert recipe_label({"method": "nf4", "bits": 4, "group_size": 128, "double_quant": False}) == "block 128 fp32 absmax"
+    assert recipe_label({"method": "fp4", "bits": 4, "group_size": 64, "double_quant": True}) == "block 64 double quant"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "nf4", "--group-size", "100"], "--group-size for nf4 is bitsandbytes' blocksize: one of 32, 64, 128"),
+        (["--method", "fp4", "--bits", "8"], "fp4 stores 4-bit codes"),
+        (["--method", "nf4", "--asymmetric"], "nf4 scales each block of --group-size weights by its absmax"),
+        (["--method", "int4_absmax", "--double-quant"], "--double-quant applies to nf4 and fp4"),
+        (["--method", "rtn", "--bits", "4", "--double-quant"], "--double-quant applies to nf4 and fp4 only, not rtn"),
+    ],
+)
+def test_eval_4bit_block_methods_refuse_bad_arguments(args, message):
+    result = run_cli("eval", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
