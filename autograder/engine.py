@@ -206,10 +206,16 @@ def function_source(sources: dict[int, str], name: str) -> str | None:
     return found
 
 
-def similarity_to_reference(sources: dict[int, str], graded: dict) -> dict[str, float]:
-    """How close each graded function is to the reference's, as a ratio of AST node sequences."""
+def similarity_to_reference(sources: dict[int, str], graded: dict, dictated: frozenset = frozenset()) -> dict[str, float]:
+    """How close each graded function is to the reference's, as a ratio of AST node sequences.
+
+    `dictated`: functions whose text the lab all but dictates (a formula spelled out step by
+    step), where an honest solution matches the reference anyway; a suite names them in
+    SIMILARITY_EXEMPT and they are not scored."""
     scores = {}
     for name, reference in graded.items():
+        if name in dictated:
+            continue
         learner = function_source(sources, name)
         if learner is None:
             continue
@@ -247,6 +253,8 @@ def grade_notebook(
         lab=submission.lab,
         tests=tests,
         load=load,
-        similarity=similarity_to_reference(submission.sources, getattr(suite, "GRADED", {})),
+        similarity=similarity_to_reference(
+            submission.sources, getattr(suite, "GRADED", {}), frozenset(getattr(suite, "SIMILARITY_EXEMPT", ()))
+        ),
         seconds=time.perf_counter() - started,
     )

@@ -1,6 +1,7 @@
 """The grading engine against adversarial submissions: each misbehaviour costs only the tests it
 touches, with a clear message, and grading carries on."""
 
+import inspect
 import json
 import subprocess
 import sys
@@ -287,3 +288,20 @@ def test_learner_process_runs_triton_kernels_under_the_interpreter():
         assert box.call("same", torch.float16) is torch.float16
         with pytest.raises(Forbidden, match="import quantcourse"):
             box.call("cheat")
+
+
+def test_similarity_scores_graded_functions_except_those_the_lab_dictates():
+    from quantcourse.autograder.engine import SIMILARITY_MIN_NODES, similarity_to_reference
+    from quantcourse.reference_impl import affine
+
+    source = inspect.getsource(affine.scale_zero_point)
+    assert len(engine_ast(source)) >= SIMILARITY_MIN_NODES  # long enough to be scored
+    graded = {"scale_zero_point": affine.scale_zero_point}
+    assert similarity_to_reference({0: source}, graded) == {"scale_zero_point": 1.0}
+    assert similarity_to_reference({0: source}, graded, frozenset({"scale_zero_point"})) == {}
+
+
+def engine_ast(source):
+    from quantcourse.autograder.engine import normalised_ast
+
+    return normalised_ast(source)
