@@ -23,11 +23,13 @@ $(STAMP): pyproject.toml Makefile
 lab: setup
 	$(BIN)/quantcourse lab
 
+# Idle OpenMP threads sleep instead of spinning: with a test worker per core, torch's spinning
+# threads took the cores from each other (tests/test_qlora.py: 144 s spinning, 23 s passive).
 test: setup
-	$(BIN)/pytest -n $(WORKERS)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -n $(WORKERS)
 
 test-quick: setup
-	$(BIN)/pytest -n $(WORKERS) -m "not slow"
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -n $(WORKERS) -m "not slow"
 
 results: setup
 	$(BIN)/python benchmarks/baselines.py

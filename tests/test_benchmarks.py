@@ -47,3 +47,27 @@ def test_nf4_script_in_fast_mode_writes_only_fast_files():
     assert all(nf4[b] < int4[b] for b in (64, 128))  # MiniLM's real weights: NF4 fits them best
     assert "## SmolLM2-135M" in (RESULTS / "nf4.fast.md").read_text()
     assert (published.read_bytes() if published.exists() else None) == before
+
+
+@pytest.mark.slow
+def test_qlora_script_in_fast_mode_writes_only_fast_files():
+    published = RESULTS / "qlora.json"
+    before = published.read_bytes() if published.exists() else None
+    env = {**os.environ, "QUANTCOURSE_FAST": "1"}
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "qlora.py")], capture_output=True, text=True, env=env, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fast = json.loads((RESULTS / "qlora.fast.json").read_text())
+    assert fast["meta"]["fast_mode"] is True
+    assert len(fast["losses"]) == fast["settings"]["steps"] and all(loss > 0 for loss in fast["losses"])
+    assert fast["after"]["domain_ppl"] < fast["before"]["domain_ppl"]
+    assert len(fast["after"]["generations"]) == 3
+    rows = {row["setup"]: row for row in fast["memory"]}
+    qlora, full = rows["QLoRA, NF4 base, bf16 compute"], rows["full fine-tuning, bf16, AdamW"]
+    assert qlora["measured"]["peak"] < full["measured"]["peak"]
+    no_dropout = rows["QLoRA, NF4 base, bf16 compute, no adapter dropout"]["measured"]
+    assert no_dropout["activations"] < qlora["measured"]["activations"]
+    for row in fast["memory"]:  # the plan reproduces the measured trainable weights, gradients and optimizer states
+        assert all(row["measured"][k] == row["plan"][k] for k in ("trainable_weights", "gradients", "optimizer_states"))
+    assert round(fast["base_bits_per_weight"], 3) == 4.127
+    assert "## Memory of one training step" in (RESULTS / "qlora.fast.md").read_text()
+    assert (published.read_bytes() if published.exists() else None) == before
