@@ -105,7 +105,7 @@ CELLS = {
             while True:
                 pass
         def memory(x):
-            hoard = [bytearray(1 << 26) for _ in range(1000)]
+            hoard = [bytearray(1 << 29) for _ in range(1000)]  # past the 2 GiB limit in a few allocations, even on a busy machine
             return 2 * x
         def flood(x):
             for _ in range(200_000):
