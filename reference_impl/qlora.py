@@ -47,6 +47,7 @@ from torch import nn
 from quantcourse.corpus import split_topics, topics
 from quantcourse.surgery import set_module
 
+from .lora_math import check_lora_settings, lora_forward, lora_init
 from .nf4 import NESTED_BLOCKSIZE, QuantState, bits_per_weight, dequantize_4bit, dynamic_map, nf4_code_book, quantize_4bit
 
 # The seven linear layers of a Llama decoder block. The QLoRA paper puts adapters on all of them:
@@ -162,15 +163,6 @@ class FrozenLinear4bit(nn.Module):
 # ---------------------------------------------------------------- the adapter
 
 
-def check_lora_settings(r: int, alpha: float, dropout: float) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"the LoRA rank r must be a positive integer, got {r!r}; QLoRA used 64, small models do well with 8-16")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise ValueError(f"alpha must be a positive number (the update is scaled by alpha / r), got {alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout is a probability in [0, 1), got {dropout!r}; QLoRA used 0.05-0.1")
-
-
 class LoraLinear(nn.Module):
     """A frozen base layer plus a trainable low-rank update, PEFT's LoRA Linear.
 
@@ -211,8 +203,10 @@ class LoraLinear(nn.Module):
 
     def reset_parameters(self) -> None:
         """A as nn.Linear initialises its weight (kaiming-uniform, a = sqrt(5)), B = 0: no change yet."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        A, B = lora_init(self.in_features, self.out_features, self.r, dtype=self.lora_A.dtype)
+        with torch.no_grad():
+            self.lora_A.copy_(A)
+            self.lora_B.copy_(B)
 
     @property
     def dropout_p(self) -> float:
@@ -220,9 +214,9 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        x_lora = self.dropout(x.to(self.lora_A.dtype))
-        update = F.linear(F.linear(x_lora, self.lora_A), self.lora_B) * self.scaling  # [..., r] then [..., out]
-        return (result + update).to(result.dtype)
+        p = self.dropout_p
+        keep = torch.empty_like(x, dtype=self.lora_A.dtype).bernoulli_(1 - p).bool() if self.training and p > 0 else None
+        return lora_forward(x, result, self.lora_A, self.lora_B, self.alpha, self.r, p, keep)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, dropout={self.dropout_p}"
