@@ -205,6 +205,7 @@ def main() -> None:
     result = {
         "settings": s,
         "domain_topics": sorted(qlora.DOMAIN_TOPICS),
+        "prompts": PROMPTS,
         "train_windows": train.shape[0],
         "domain_eval_windows": domain.shape[0],
         "tokens": s["steps"] * s["grad_accum"] * s["batch_size"] * s["length"],
