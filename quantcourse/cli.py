@@ -105,6 +105,8 @@ def recipe_label(row: dict) -> str:
         where = {"tensor": "per-tensor", "channel": "per-channel"}.get(row["granularity"], f"g{row['group_size']}")
         grid = "sym" if row["symmetric"] else ("asym" if row["zero_point"] == "integer" else "asym-float-zero")
         parts += [f"int{row['bits']}", where, grid]
+    if row.get("act_order"):
+        parts.append("act-order" + (" static-groups" if row.get("static_groups") else ""))
     if row.get("act_granularity"):
         parts += ["W8A8", f"act per {row['act_granularity']}"]
     if row.get("threshold") is not None:
@@ -139,6 +141,10 @@ def cmd_eval(args, parser) -> int:
         act_granularity=args.act_granularity,
         threshold=args.threshold,
         double_quant=args.double_quant,
+        act_order=args.act_order,
+        static_groups=args.static_groups,
+        damp=args.damp,
+        calibration_samples=args.calibration_samples,
     )
     try:
         row = evaluate_recipe(args.method, options, windows=args.windows, progress=not args.json and sys.stderr.isatty())
@@ -176,7 +182,7 @@ def cmd_labs(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .recipes import METHODS
+    from .recipes import DAMP, METHODS
 
     parser = argparse.ArgumentParser(prog="quantcourse", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -214,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         "KL divergence and top-1 agreement against the fp32 reference, and the storage cost.",
     )
     evaluate.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
-    evaluate.add_argument("--bits", type=int, help="bits per weight code, 2..8 (rtn: required; w8a8, llm_int8: 8)")
+    evaluate.add_argument("--bits", type=int, help="bits per weight code, 2..8 (rtn, gptq: required; w8a8, llm_int8: 8)")
     evaluate.add_argument("--granularity", choices=["tensor", "channel", "group"], help="weight scales per tensor, per output channel (default) or per group")
     evaluate.add_argument("--group-size", type=int, help="weights per scale along the input dimension (implies --granularity group); nf4, fp4, int4_absmax: blocksize over the flattened weight, 32..4096, default 64")
     grid = evaluate.add_mutually_exclusive_group()
@@ -224,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--act-granularity", choices=["token", "tensor"], default="token", help="w8a8: activation scales per token (default) or per tensor")
     evaluate.add_argument("--threshold", type=float, default=6.0, help="llm_int8: input columns with any |x| >= this stay in float (default 6.0)")
     evaluate.add_argument("--double-quant", action="store_true", help="nf4, fp4: quantize the block absmax to 8 bits (QLoRA's double quantization, 4.127 bits per weight at block 64)")
+    evaluate.add_argument("--act-order", action="store_true", help="gptq: quantize input columns by decreasing H_jj (desc_act)")
+    evaluate.add_argument("--static-groups", action="store_true", help="gptq: every group's grid from the original weights, so act-order keeps g_idx sequential")
+    evaluate.add_argument("--damp", type=float, default=DAMP, help=f"gptq: damping added to diag(H), as a fraction of its mean (default {DAMP})")
+    evaluate.add_argument("--calibration-samples", type=int, help="gptq: calibration windows of 512 tokens (default 128; 8 in fast mode)")
     evaluate.add_argument("--windows", type=int, help="held-out windows of 512 tokens (default 32; 4 in fast mode)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     evaluate.set_defaults(parser=evaluate)

@@ -19,6 +19,7 @@ from .corpus import token_windows
 from .evaluate import compare_to_reference, model_bits_per_weight, reference_logprobs
 from .models import load_reference_model
 from .reference_impl.affine import MAX_BITS, MIN_BITS, AffineSpec, Granularity, ZeroPoint
+from .reference_impl.gptq import CALIBRATION_LENGTH, CALIBRATION_WINDOWS, DAMP, GPTQOptions, gptq_model
 from .reference_impl.llm_int8 import LLM_INT8_THRESHOLD, LLMInt8Linear, W8A8Linear
 from .reference_impl.nf4 import BLOCKSIZES, Linear4bit
 from .reference_impl.rtn import FakeQuantLinear
@@ -28,6 +29,7 @@ from .surgery import linear_layers, replace_linears
 EVAL_WINDOW_LENGTH = 512
 EVAL_WINDOWS = 32  # 32 x 511 = 16,352 scored held-out tokens
 FAST_EVAL_WINDOWS = 4
+FAST_CALIBRATION_WINDOWS = 8  # gptq's calibration windows of 512 tokens in fast mode (else 128)
 
 
 class RecipeError(ValueError):
@@ -43,6 +45,9 @@ class RecipeOptions:
     is llama.cpp's Q4_1 form x = s * q + min). act_granularity: "token" or "tensor" for W8A8 activations.
     threshold: LLM.int8()'s outlier threshold on |x|. double_quant: nf4/fp4 quantize their block
     absmax to 8 bits (bitsandbytes' compress_statistics, QLoRA's double quantization).
+    gptq: act_order (columns by decreasing H_jj), static_groups (group grids from the original
+    weights), damp (fraction of mean(diag H) added to the diagonal), calibration_samples
+    (windows of 512 calibration tokens; None: 128, or 8 in fast mode).
     """
 
     bits: int | None = None
@@ -53,6 +58,10 @@ class RecipeOptions:
     act_granularity: str = "token"
     threshold: float = LLM_INT8_THRESHOLD
     double_quant: bool = False
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = DAMP
+    calibration_samples: int | None = None
 
     def weight_granularity(self) -> Granularity:
         return self.granularity or ("group" if self.group_size is not None else "channel")
@@ -181,6 +190,48 @@ def apply_4bit_blocks(quant_type: str, model, options: RecipeOptions, progress: 
     replace_linears(model, make, progress=progress)
 
 
+def check_gptq(options: RecipeOptions) -> RecipeOptions:
+    check_bits(options.bits)
+    spec = weight_spec(options)
+    if options.zero_point != "integer":
+        raise RecipeError("gptq stores integer zero points (the GPTQ checkpoint layout); drop --zero-point float")
+    if options.static_groups and spec.granularity != "group":
+        raise RecipeError("--static-groups fixes each group's grid up front: it needs --group-size")
+    if not 0 <= options.damp < 1:
+        raise RecipeError(f"--damp is a fraction of mean(diag H), from 0 to 1 (GPTQ uses 0.01), got {options.damp}")
+    samples = options.calibration_samples
+    if samples is None:
+        samples = FAST_CALIBRATION_WINDOWS if fast_mode() else CALIBRATION_WINDOWS
+    if samples < 1:
+        raise RecipeError(f"--calibration-samples must be at least 1, got {samples}")
+    return replace(options, calibration_samples=samples)
+
+
+def apply_gptq(model, options: RecipeOptions, progress: bool = True) -> None:
+    """GPTQ, layer by layer on windows of the calibration split, every decoder linear layer."""
+    from transformers import AutoTokenizer
+
+    from .models import ensure_reference_cache
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_reference_cache().path, local_files_only=True)
+    try:
+        windows = token_windows(tokenizer, "calibration", CALIBRATION_LENGTH, options.calibration_samples)
+    except ValueError as error:
+        raise RecipeError(f"--calibration-samples {options.calibration_samples}: {error}") from None
+    gptq_options = GPTQOptions(weight_spec(options), options.act_order, options.static_groups, options.damp)
+    gptq_model(model, windows, gptq_options, progress=progress)
+
+
+GPTQ_ONLY = {"act_order": "--act-order", "static_groups": "--static-groups", "damp": "--damp", "calibration_samples": "--calibration-samples"}
+
+
+def check_gptq_only(method: str, options: RecipeOptions) -> None:
+    """Refuse gptq's options (set away from their defaults) for the other methods."""
+    for name, flag in GPTQ_ONLY.items():
+        if method != "gptq" and getattr(options, name) != getattr(RecipeOptions(), name):
+            raise RecipeError(f"{flag} applies to gptq only, not {method}")
+
+
 METHODS: dict[str, Recipe] = {
     "rtn": Recipe(
         "rtn", "round-to-nearest weights, min-max per tensor, per channel or per group", check_rtn, apply_rtn,
@@ -206,6 +257,11 @@ METHODS: dict[str, Recipe] = {
         "int4_absmax", "symmetric INT4 (absmax / 7) on nf4's blocks: QLoRA's Int4 baseline",
         partial(check_4bit_blocks, "int4_absmax"), partial(apply_4bit_blocks, "int4_absmax"), ("bits", "group_size", "double_quant"), groups_tile_rows=False,
     ),
+    "gptq": Recipe(
+        "gptq", "GPTQ: layer by layer on calibration text, each column's error absorbed by the columns after it",
+        check_gptq, apply_gptq,
+        ("bits", "group_size", "symmetric", "granularity", "zero_point", "act_order", "static_groups", "damp", "calibration_samples"),
+    ),
 }  # fmt: skip
 
 
@@ -221,7 +277,9 @@ def evaluate_recipe(method: str, options: RecipeOptions, windows: int | None = N
 
     Returns a flat dict: method, the recipe's options (bits, group_size, ...), ppl, ref_ppl,
     kld, top1_agreement, bits_per_weight, eval_tokens, seconds (wall time, model load
-    included), plus the versions the figures depend on.
+    included), quantize_seconds (the recipe alone, wall time) and quantize_cpu_seconds (its CPU
+    time over all threads, which a busy machine does not inflate), plus the versions the figures
+    depend on.
     """
     started = time.perf_counter()
     if method not in METHODS:
@@ -229,12 +287,16 @@ def evaluate_recipe(method: str, options: RecipeOptions, windows: int | None = N
     recipe = METHODS[method]
     if options.double_quant and "double_quant" not in recipe.columns:
         raise RecipeError(f"--double-quant applies to nf4 and fp4 only, not {method}")
+    check_gptq_only(method, options)
     options = recipe.check(options)  # before the model load, so a typo fails at once
     model, tokenizer = load_reference_model()
     if recipe.groups_tile_rows:
         check_group_size(model, options.group_size)
     reference = reference_logprobs(model, eval_windows(tokenizer, windows), progress=progress)
+    quantize_started, quantize_cpu_started = time.perf_counter(), time.process_time()
     recipe.apply(model, options, progress)
+    quantize_seconds = time.perf_counter() - quantize_started
+    quantize_cpu_seconds = time.process_time() - quantize_cpu_started
     scores = compare_to_reference(model, reference, progress=progress)
     settings = {name: getattr(options, name) for name in recipe.columns}
     if "granularity" in settings:
@@ -250,6 +312,8 @@ def evaluate_recipe(method: str, options: RecipeOptions, windows: int | None = N
         "bits_per_weight": model_bits_per_weight(model),
         "eval_tokens": scores.eval_tokens,
         "seconds": round(time.perf_counter() - started, 1),
+        "quantize_seconds": round(quantize_seconds, 1),
+        "quantize_cpu_seconds": round(quantize_cpu_seconds, 1),
         "fast_mode": fast_mode(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -149,3 +149,54 @@ def test_eval_4bit_block_methods_refuse_bad_arguments(args, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_eval_gptq_with_act_order():
+    result = run_cli(
+        "eval", "--method", "gptq", "--bits", "4", "--group-size", "64", "--asymmetric", "--act-order",
+        "--calibration-samples", "2", "--json", "--windows", "1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)
+    assert EVAL_KEYS <= row.keys()
+    settings = {k: row[k] for k in ("method", "bits", "group_size", "symmetric", "act_order", "static_groups", "damp", "calibration_samples")}
+    assert settings == {
+        "method": "gptq", "bits": 4, "group_size": 64, "symmetric": False, "act_order": True,
+        "static_groups": False, "damp": 0.01, "calibration_samples": 2,
+    }  # fmt: skip
+    # codes, an fp16 scale and a 4-bit zero per 64 weights, and act-order's int32 g_idx per input
+    assert 4 + 20 / 64 < row["bits_per_weight"] < 4 + 20 / 64 + 32 / 192
+    assert 0 < row["quantize_seconds"] < row["seconds"]
+    assert row["ref_ppl"] < row["ppl"] < 1.5 * row["ref_ppl"]
+
+
+def test_recipe_label_of_gptq():
+    from quantcourse.cli import recipe_label
+
+    row = {"method": "gptq", "bits": 3, "group_size": 64, "granularity": "group", "symmetric": False, "zero_point": "integer"}
+    assert recipe_label(row) == "int3 g64 asym"
+    assert recipe_label({**row, "act_order": True}) == "int3 g64 asym act-order"
+    assert recipe_label({**row, "act_order": True, "static_groups": True}) == "int3 g64 asym act-order static-groups"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "gptq"], "--bits must be an integer from 2 to 8, got None"),
+        (["--method", "gptq", "--bits", "4", "--damp", "1.5"], "--damp is a fraction of mean(diag H), from 0 to 1"),
+        (["--method", "gptq", "--bits", "4", "--calibration-samples", "0"], "--calibration-samples must be at least 1, got 0"),
+        (["--method", "gptq", "--bits", "4", "--static-groups"], "--static-groups fixes each group's grid up front: it needs --group-size"),
+        (["--method", "gptq", "--bits", "4", "--asymmetric", "--zero-point", "float"], "gptq stores integer zero points"),
+        (["--method", "gptq", "--bits", "4", "--group-size", "100"], "--group-size 100 does not divide the input width 576"),
+        (["--method", "rtn", "--bits", "4", "--act-order"], "--act-order applies to gptq only, not rtn"),
+        (["--method", "nf4", "--damp", "0.1"], "--damp applies to gptq only, not nf4"),
+        (["--method", "rtn", "--bits", "4", "--calibration-samples", "8"], "--calibration-samples applies to gptq only, not rtn"),
+        (["--method", "gptq", "--bits", "4", "--calibration-samples", "1000", "--windows", "1"], "--calibration-samples 1000: the calibration split has"),
+    ],
+)
+def test_eval_gptq_refuses_bad_arguments(args, message):
+    result = run_cli("eval", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
