@@ -139,7 +139,7 @@ def first_layer_inputs(model, windows: torch.Tensor) -> tuple[torch.Tensor, dict
 def run_layer_by_layer(
     model,
     windows: torch.Tensor,
-    step: Callable[[int, nn.Module, torch.Tensor], None],
+    step: Callable[[int, nn.Module, torch.Tensor], torch.Tensor | None],
     progress: bool = True,
 ) -> torch.Tensor:
     """Walk the decoder one layer at a time, feeding layer i's outputs to layer i+1.
@@ -147,14 +147,17 @@ def run_layer_by_layer(
     For each layer i: `step(i, layer, hidden)` sees the hidden states entering it ([n, L, hidden]
     float32, computed by the layers before it *as they are now*, i.e. already quantized) and may
     change the layer in place (calibrate, quantize, swap modules). Then the layer's outputs are
-    recomputed with the changed layer and become the next layer's inputs.
+    recomputed with the changed layer and become the next layer's inputs; a step that already
+    computed them (equal to the changed layer's forward) returns them instead, to save that pass.
 
     Returns the hidden states after the last layer, before the final norm: [n, L, hidden].
     """
     hidden, kwargs = first_layer_inputs(model, windows)
     layers = decoder_layers(model)
     for i, layer in enumerate(tqdm(layers, desc="layer by layer", disable=not progress)):
-        step(i, layer, hidden)
-        with torch.no_grad():
-            hidden = torch.cat([layer(h[None], **kwargs) for h in hidden])
+        outputs = step(i, layer, hidden)
+        if outputs is None:
+            with torch.no_grad():
+                outputs = torch.cat([layer(h[None], **kwargs) for h in hidden])
+        hidden = outputs
     return hidden

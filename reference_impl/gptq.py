@@ -63,7 +63,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -558,22 +558,89 @@ def gptq_model(model, windows: torch.Tensor, options: GPTQOptions = GPTQOptions(
     chunks = [[stage] for stage in LLAMA_STAGES] if options.true_sequential else [list(LLAMA_STAGES)]
     report = {}
 
-    def step(i: int, layer: nn.Module, hidden: torch.Tensor) -> None:
+    def quantize_stage(layer: nn.Module, stage: tuple[str, ...], H: torch.Tensor) -> None:
+        for name in stage:
+            started = time.perf_counter()
+            linear = layer.get_submodule(name)
+            full_name = f"{names[layer]}.{name}"
+            result = gptq_quantize(
+                linear.weight, H, options.spec, options.block_size, options.act_order,
+                options.static_groups, options.damp, name=full_name,
+            )  # fmt: skip
+            set_module(layer, name, GPTQLinear.from_result(result, linear.bias))
+            report[full_name] = {"damp": result.damp, "loss": result.loss, "seconds": time.perf_counter() - started}
+
+    def step(i: int, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
+        if options.true_sequential and is_llama_layer(layer):
+            return sequential_llama_layer(layer, hidden, kwargs, lambda stage, H: quantize_stage(layer, stage, H))
         for chunk in chunks:
             for stage, H in zip(chunk, stage_hessians(layer, hidden, kwargs, chunk)):
-                for name in stage:
-                    started = time.perf_counter()
-                    linear = layer.get_submodule(name)
-                    full_name = f"{names[layer]}.{name}"
-                    result = gptq_quantize(
-                        linear.weight, H, options.spec, options.block_size, options.act_order,
-                        options.static_groups, options.damp, name=full_name,
-                    )  # fmt: skip
-                    set_module(layer, name, GPTQLinear.from_result(result, linear.bias))
-                    report[full_name] = {"damp": result.damp, "loss": result.loss, "seconds": time.perf_counter() - started}
+                quantize_stage(layer, stage, H)
+        return None  # the runner recomputes the layer's outputs
 
     run_layer_by_layer(model, windows, step, progress=progress)
     return report
+
+
+def is_llama_layer(layer: nn.Module) -> bool:
+    """Whether `sequential_llama_layer` can run this decoder layer: a Llama-style layer (two
+    RMSNorms, attention with q, k, v, o and a gated MLP) whose forward it repeats."""
+    parts = ("input_layernorm", "post_attention_layernorm", "self_attn.o_proj", "mlp.act_fn", "mlp.down_proj")
+    names = {name for name, _ in layer.named_modules()}
+    return all(part in names for part in parts) and all(name in names for stage in LLAMA_STAGES for name in stage)
+
+
+@torch.no_grad()
+def sequential_llama_layer(
+    layer: nn.Module, hidden: torch.Tensor, kwargs: dict, quantize_stage: Callable[[tuple[str, ...], torch.Tensor], None]
+) -> torch.Tensor:
+    """True-sequential GPTQ of one Llama decoder layer, computing every intermediate once.
+
+    The generic path (`stage_hessians`) runs the layer again for every stage, up to that stage's
+    input: 4 partial forwards plus the runner's full one. Here the layer's forward
+    (LlamaDecoderLayer: x + attn(norm1(x)), then h + mlp(norm2(h)), mlp = down(act(gate) * up))
+    is taken apart, and each stage's inputs come from the pieces already computed, with the
+    stages before it quantized:
+
+        q, k, v   <- norm1(x)
+        o_proj    <- attention with the quantized q, k, v (recorded at o_proj's input)
+        gate, up  <- norm2(h),  h = x + o_proj(that)  with o_proj quantized
+        down_proj <- act(gate(.)) * up(.)             with gate and up quantized
+
+    The same stages see the same inputs as in the generic path, so the result is the same (the
+    tests compare them), in about a third of the time. hidden [n, L, d]: the layer's inputs, one
+    window per row; kwargs: the layer's other arguments; quantize_stage(stage, H) replaces the
+    stage's linear layers. Returns the quantized layer's outputs [n, L, d], equal to layer(hidden).
+    """
+    attention, mlp = layer.self_attn, layer.mlp
+    stages = iter(LLAMA_STAGES)
+
+    def calibrate(inputs: list[torch.Tensor]) -> None:
+        H, n = torch.zeros(inputs[0].shape[-1], inputs[0].shape[-1], device=inputs[0].device), 0
+        for x in inputs:
+            H, n = accumulate_hessian(H, x.float(), n)
+        quantize_stage(next(stages), H)
+
+    normed = [layer.input_layernorm(x[None]) for x in hidden]
+    calibrate(normed)
+    attended = []  # o_proj's inputs, recorded by a hook: the attention output before the projection
+    handle = attention.o_proj.register_forward_pre_hook(lambda module, args: attended.append(args[0]))
+    try:
+        for x in normed:
+            attention(hidden_states=x, **kwargs)
+    finally:
+        handle.remove()
+    del normed
+    calibrate(attended)
+    residual = [x[None] + attention.o_proj(a) for x, a in zip(hidden, attended)]
+    del attended
+    calibrate([layer.post_attention_layernorm(h) for h in residual])
+    gated = []
+    for h in residual:
+        x = layer.post_attention_layernorm(h)
+        gated.append(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+    calibrate(gated)
+    return torch.cat([h + mlp.down_proj(g) for h, g in zip(residual, gated)])
 
 
 def gptq_layers(model) -> dict[str, GPTQLinear]:

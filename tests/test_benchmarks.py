@@ -94,3 +94,19 @@ def test_gptq_script_in_fast_mode_writes_only_fast_files():
     assert rows[5]["gap_closed"] > 0.5 and rows[8]["gap_closed"] > 0.5
     assert "| gptq | int3 g64 asym act-order |" in (RESULTS / "gptq.fast.md").read_text()
     assert (published.read_bytes() if published.exists() else None) == before
+
+
+@pytest.mark.slow
+def test_gptq_time_script_in_fast_mode_appends_a_fast_row():
+    published = RESULTS / "gptq_time.json"
+    before = published.read_bytes() if published.exists() else None
+    env = {**os.environ, "QUANTCOURSE_FAST": "1"}
+    script = REPO / "benchmarks" / "gptq_time.py"
+    result = subprocess.run([sys.executable, str(script), "--threads", "2"], capture_output=True, text=True, env=env, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads((RESULTS / "gptq_time.fast.json").read_text())["rows"][-1]
+    assert row["fast_mode"] is True and row["calibration_windows"] == 8 and row["threads"] == 2
+    assert row["layers"] == 210 and row["driver"] == "sequential_llama_layer"
+    assert 0 < row["gptq_quantize_seconds"] < row["seconds"]
+    assert "| cpu | 2 | sequential_llama_layer | 8 | 210 |" in (RESULTS / "gptq_time.fast.md").read_text()
+    assert (published.read_bytes() if published.exists() else None) == before

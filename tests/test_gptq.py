@@ -423,3 +423,37 @@ def test_gptq_model_calibrates_each_layer_on_quantized_inputs(reference, two_lay
     with_float_qkv = relative_difference(seen[o], layer_inputs_hessian(model, windows, o))
     used, other = (with_quantized_qkv, with_float_qkv) if true_sequential else (with_float_qkv, with_quantized_qkv)
     assert used < 1e-6 and other > 1e-2
+
+
+def test_sequential_llama_layer_equals_the_generic_stage_passes(reference, tokenizer):
+    """The fast true-sequential pass (intermediates computed once) gives every stage the Hessian
+    that re-running the layer up to that stage gives, and returns the quantized layer's outputs."""
+    windows = token_windows(tokenizer, "calibration", 128, 3)
+    hidden, kwargs = gptq.first_layer_inputs(reference[0], windows)
+    fast_layer, generic_layer = (copy.deepcopy(reference[0].model.layers[0]) for _ in range(2))
+    assert gptq.is_llama_layer(fast_layer) and not gptq.is_llama_layer(fast_layer.mlp)
+    s = spec(4, False, 64)
+
+    def quantizer(layer, seen):
+        def quantize_stage(stage, H):
+            seen.append(H.clone())
+            for name in stage:
+                linear = layer.get_submodule(name)
+                result = gptq_quantize(linear.weight, H, s)
+                gptq.set_module(layer, name, GPTQLinear.from_result(result, linear.bias))
+
+        return quantize_stage
+
+    fast, generic = [], []
+    outputs = gptq.sequential_llama_layer(fast_layer, hidden, kwargs, quantizer(fast_layer, fast))
+    quantize_generic = quantizer(generic_layer, generic)
+    for stage in gptq.LLAMA_STAGES:
+        (H,) = gptq.stage_hessians(generic_layer, hidden, kwargs, [stage])
+        quantize_generic(stage, H)
+    assert len(fast) == len(generic) == 4
+    for H_fast, H_generic in zip(fast, generic):
+        assert relative_difference(H_fast, H_generic) < 1e-6
+    with torch.no_grad():
+        expected = torch.cat([generic_layer(h[None], **kwargs) for h in hidden])
+    assert torch.allclose(outputs, expected, rtol=1e-5, atol=1e-5)
+    assert all(type(fast_layer.get_submodule(n)) is GPTQLinear for stage in gptq.LLAMA_STAGES for n in stage)
