@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 from baselines import machine
+from quantcourse.reference_impl import gptq
+from quantcourse.reference_impl.affine import AffineSpec
 
 from quantcourse.corpus import token_windows
 from quantcourse.models import load_reference_model
 from quantcourse.recipes import FAST_CALIBRATION_WINDOWS
-from quantcourse.reference_impl import gptq
-from quantcourse.reference_impl.affine import AffineSpec
 from quantcourse.runtime import fast_mode
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -74,9 +74,11 @@ def markdown(rows: list[dict]) -> str:
     lines = [
         "# Time to quantize all of SmolLM2-135M with GPTQ",
         "",
-        "int4 g64 asymmetric, 128 calibration windows of 512 tokens, true-sequential, blocks of 128 "
-        "(benchmarks/gptq.py's setting). `seconds`: wall time of `gptq_model` (calibration forwards, Hessians "
-        "and the column loops); `gptq_quantize`: the column loops alone. Target: under 300 s on 2 CPU cores.",
+        (
+            "int4 g64 asymmetric, 128 calibration windows of 512 tokens, true-sequential, blocks of 128 "
+            "(benchmarks/gptq.py's setting). `seconds`: wall time of `gptq_model` (calibration forwards, Hessians "
+            "and the column loops); `gptq_quantize`: the column loops alone. Target: under 300 s on 2 CPU cores."
+        ),
         "",
         "| device | threads | driver | windows | layers | seconds | CPU s | gptq_quantize s | load | machine | date |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -87,8 +89,11 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['gptq_quantize_seconds']:.1f} "
             f"| {r['load_before']} | {r['machine']['cpu']} | {r['date']} |"
         )
-    lines += ["", "Commands: `taskset -c 0,1 python benchmarks/gptq_time.py --threads 2` and "
-              "`python benchmarks/gptq_time.py --device cuda` (add `--generic` for the generic driver).", ""]
+    commands = (
+        "Commands: `taskset -c 0,1 python benchmarks/gptq_time.py --threads 2` and "
+        "`python benchmarks/gptq_time.py --device cuda` (add `--generic` for the generic driver)."
+    )
+    lines += ["", commands, ""]
     return "\n".join(lines)
 
 

@@ -17,13 +17,13 @@ Usage (needs a CUDA GPU):  python benchmarks/per_call.py   -> benchmarks/results
 import json
 import platform
 import time
+from functools import partial
 from pathlib import Path
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnb_F
 import torch
 import triton
-
 from quantcourse.kernels import nf4 as nk
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -71,7 +71,7 @@ def rows() -> list[dict]:
         W = torch.randn(N, K, device="cuda", generator=g, dtype=torch.float16) * 0.02
         x = torch.randn(1, K, device="cuda", generator=g, dtype=torch.float16)
         for name, fn in contenders(W).items():
-            call = lambda fn=fn: fn(x)  # noqa: E731
+            call = partial(fn, x)
             out.append({"kernel": name, "K": K, "N": N, "per_call_us": back_to_back_us(call), "host_us": host_us(call)})
             print(json.dumps(out[-1]), flush=True)
     return out
@@ -81,9 +81,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         "# One matmul per Python call, launch overhead included (M = 1)",
         "",
-        "Back-to-back calls from Python with one synchronization at the end (per call = elapsed / calls), "
-        "and the host's time to issue one call. This is the measurement under ANCHORS.md's bitsandbytes figures; "
-        "benchmarks/kernels.md times the GPU alone.",
+        (
+            "Back-to-back calls from Python with one synchronization at the end (per call = elapsed / calls), "
+            "and the host's time to issue one call. This is the measurement under ANCHORS.md's bitsandbytes figures; "
+            "benchmarks/kernels.md times the GPU alone."
+        ),
         "",
         "| kernel | W [N x K] | per call us | host us per call | vs bitsandbytes |",
         "|---|---|---|---|---|",
@@ -92,8 +94,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
         base = next((b for b in rows if b["kernel"] == "nf4 (bitsandbytes)" and (b["K"], b["N"]) == (r["K"], r["N"])), None)
         ratio = f"{base['per_call_us'] / r['per_call_us']:.2f}x" if base else ""
         lines.append(f"| {r['kernel']} | {r['N']} x {r['K']} | {r['per_call_us']:.1f} | {r['host_us']:.1f} | {ratio} |")
-    lines += ["", f"Machine: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, bitsandbytes "
-              f"{meta['bitsandbytes']}; {meta['date']}. Command: `python benchmarks/per_call.py`.", ""]
+    machine = (
+        f"Machine: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, bitsandbytes "
+        f"{meta['bitsandbytes']}; {meta['date']}. Command: `python benchmarks/per_call.py`."
+    )
+    lines += ["", machine, ""]
     return "\n".join(lines)
 
 

@@ -630,10 +630,10 @@ def sequential_llama_layer(
             attention(hidden_states=x, **kwargs)
     finally:
         handle.remove()
-    del normed
+    normed.clear()
     calibrate(attended)
     residual = [x[None] + attention.o_proj(a) for x, a in zip(hidden, attended)]
-    del attended
+    attended.clear()
     calibrate([layer.post_attention_layernorm(h) for h in residual])
     gated = []
     for h in residual:
