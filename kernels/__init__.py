@@ -15,6 +15,11 @@ triton).
 - `nf4`: bitsandbytes' 4-bit layout (NF4/FP4, plain or double-quantized absmax): dequantize,
   the fused GEMV (code book in registers on a GPU) and GEMM; `TritonLinear4bit` (twin:
   reference_impl.nf4).
+- `gguf`: llama.cpp's Q4_0 and Q8_0 blocks read as stored (18 and 34 bytes per 32 weights):
+  the fused GEMV (small M too) and `dequantize_gguf` (twin: reference_impl.gguf).
+- `kv_attention`: decode attention (one query token, GQA, split over the cached tokens) over an
+  int8 (per-token scales) or fp8 KV cache, dequantized in registers (layout of
+  reference_impl.kvcache).
 - `common`: input checks and the launch helper (autotuned on a GPU, one fixed configuration
   under the interpreter).
 
