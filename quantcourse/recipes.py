@@ -19,10 +19,13 @@ from .corpus import token_windows
 from .evaluate import compare_to_reference, model_bits_per_weight, reference_logprobs
 from .models import load_reference_model
 from .reference_impl.affine import MAX_BITS, MIN_BITS, AffineSpec, Granularity, ZeroPoint
+from .reference_impl.awq import AWQ_CALIBRATION_WINDOWS, AWQOptions, awq_model
 from .reference_impl.gptq import CALIBRATION_LENGTH, CALIBRATION_WINDOWS, DAMP, GPTQOptions, gptq_model
 from .reference_impl.llm_int8 import LLM_INT8_THRESHOLD, LLMInt8Linear, W8A8Linear
 from .reference_impl.nf4 import BLOCKSIZES, Linear4bit
 from .reference_impl.rtn import FakeQuantLinear
+from .reference_impl.smoothquant import ALPHA_LLAMA as SQ_ALPHA
+from .reference_impl.smoothquant import SmoothQuantOptions, smoothquant_model
 from .runtime import fast_mode
 from .surgery import linear_layers, replace_linears
 
@@ -62,6 +65,12 @@ class RecipeOptions:
     static_groups: bool = False
     damp: float = DAMP
     calibration_samples: int | None = None
+    # smoothquant: migration strength (None: 0.85), and the up_proj -> down_proj extension
+    alpha: float | None = None
+    smooth_down: bool = False
+    # awq, awq_gptq: AutoAWQ's duo scaling (s = x_mean^r / w_mean^(1-r)), and the clipping search
+    duo_scaling: bool = False
+    clip: bool = True
 
     def weight_granularity(self) -> Granularity:
         return self.granularity or ("group" if self.group_size is not None else "channel")
@@ -225,11 +234,17 @@ def apply_gptq(model, options: RecipeOptions, progress: bool = True) -> None:
 GPTQ_ONLY = {"act_order": "--act-order", "static_groups": "--static-groups", "damp": "--damp", "calibration_samples": "--calibration-samples"}
 
 
+SMOOTHQUANT_ONLY = {"alpha": "--alpha", "smooth_down": "--smooth-down"}
+
+
 def check_gptq_only(method: str, options: RecipeOptions) -> None:
-    """Refuse gptq's options (set away from their defaults) for the other methods."""
-    for name, flag in GPTQ_ONLY.items():
-        if method != "gptq" and getattr(options, name) != getattr(RecipeOptions(), name):
-            raise RecipeError(f"{flag} applies to gptq only, not {method}")
+    """Refuse a method's own options (set away from their defaults) for the methods whose recipe
+    does not list them in its columns (--calibration-samples: gptq, smoothquant, awq, awq_gptq)."""
+    for name, flag in {**GPTQ_ONLY, **SMOOTHQUANT_ONLY, **AWQ_ONLY}.items():
+        if name not in METHODS[method].columns and getattr(options, name) != getattr(RecipeOptions(), name):
+            takers = [m for m, recipe in METHODS.items() if name in recipe.columns]
+            listed = " and ".join([", ".join(takers[:-1]), takers[-1]] if len(takers) > 1 else takers)
+            raise RecipeError(f"{flag} applies to {listed} only, not {method}")
 
 
 METHODS: dict[str, Recipe] = {
@@ -263,6 +278,89 @@ METHODS: dict[str, Recipe] = {
         ("bits", "group_size", "symmetric", "granularity", "zero_point", "act_order", "static_groups", "damp", "calibration_samples"),
     ),
 }  # fmt: skip
+
+
+def calibration_windows(samples: int) -> torch.Tensor:
+    """The first `samples` windows of 512 tokens of the calibration split: [samples, 512] int64."""
+    from transformers import AutoTokenizer
+
+    from .models import ensure_reference_cache
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_reference_cache().path, local_files_only=True)
+    try:
+        return token_windows(tokenizer, "calibration", CALIBRATION_LENGTH, samples)
+    except ValueError as error:
+        raise RecipeError(f"--calibration-samples {samples}: {error}") from None
+
+
+def check_smoothquant(options: RecipeOptions) -> RecipeOptions:
+    if options.act_granularity not in ("token", "tensor"):
+        raise RecipeError(f"--act-granularity must be 'token' or 'tensor', got {options.act_granularity!r}")
+    alpha = SQ_ALPHA if options.alpha is None else options.alpha
+    if not 0 <= alpha <= 1:
+        raise RecipeError(f"--alpha is the migration strength, from 0 to 1 (0.5 in the paper, 0.85 for Llama), got {alpha}")
+    samples = options.calibration_samples
+    if samples is None:
+        samples = FAST_CALIBRATION_WINDOWS if fast_mode() else CALIBRATION_WINDOWS
+    if samples < 1:
+        raise RecipeError(f"--calibration-samples must be at least 1, got {samples}")
+    return replace(check_int8_only("smoothquant", options), alpha=alpha, calibration_samples=samples)
+
+
+def apply_smoothquant(model, options: RecipeOptions, progress: bool = True) -> None:
+    """SmoothQuant: per-channel max |x| on calibration windows, factors folded into the RMSNorms
+    (and up_proj with --smooth-down), then W8A8: activations per token (dynamic) or per tensor
+    (static, the calibrated max / 127)."""
+    sq_options = SmoothQuantOptions(options.alpha, options.act_granularity, options.smooth_down)
+    smoothquant_model(model, calibration_windows(options.calibration_samples), sq_options, progress)
+
+
+METHODS["smoothquant"] = Recipe(
+    "smoothquant", "SmoothQuant: activation outliers moved into the weights (--alpha), then W8A8 per token or static per tensor",
+    check_smoothquant, apply_smoothquant, ("bits", "alpha", "act_granularity", "smooth_down", "calibration_samples"),
+)  # fmt: skip
+
+
+AWQ_ONLY = {"duo_scaling": "--duo-scaling", "clip": "--no-clip"}
+
+
+def check_awq(options: RecipeOptions) -> RecipeOptions:
+    """AWQ's grid is asymmetric with integer zero points (llm-awq's zero_point=True), in groups or
+    per output channel: --symmetric is not offered, the grid is always asymmetric."""
+    check_bits(options.bits)
+    options = replace(options, symmetric=False)
+    spec = weight_spec(options)
+    if options.zero_point != "integer":
+        raise RecipeError("awq stores integer zero points (GPTQ's checkpoint layout); drop --zero-point float")
+    if spec.granularity == "tensor":
+        raise RecipeError("awq scales weights in groups (--group-size) or per output channel, not per tensor")
+    samples = options.calibration_samples
+    if samples is None:
+        samples = FAST_CALIBRATION_WINDOWS if fast_mode() else AWQ_CALIBRATION_WINDOWS
+    if samples < 1:
+        raise RecipeError(f"--calibration-samples must be at least 1, got {samples}")
+    return replace(options, calibration_samples=samples)
+
+
+def apply_awq(model, options: RecipeOptions, progress: bool = True, then_gptq: bool = False) -> None:
+    """AWQ, layer by layer on windows of the calibration split: scales searched and folded,
+    clipping searched, then every decoder linear rounded to nearest (or, then_gptq, quantized by
+    GPTQ with its default options on the same windows)."""
+    spec = weight_spec(options)
+    gptq_options = GPTQOptions(spec) if then_gptq else None
+    awq_options = AWQOptions(spec, duo_scaling=options.duo_scaling, clip=options.clip, gptq=gptq_options)
+    awq_model(model, calibration_windows(options.calibration_samples), awq_options, progress=progress)
+
+
+AWQ_COLUMNS = ("bits", "group_size", "symmetric", "granularity", "zero_point", "duo_scaling", "clip", "calibration_samples")
+METHODS["awq"] = Recipe(
+    "awq", "AWQ: salient input channels scaled up before rounding (scale search per layer, clipping search), asymmetric grid",
+    check_awq, apply_awq, AWQ_COLUMNS,
+)  # fmt: skip
+METHODS["awq_gptq"] = Recipe(
+    "awq_gptq", "AWQ's scales and clipping, then GPTQ (default options) instead of rounding to nearest",
+    check_awq, partial(apply_awq, then_gptq=True), AWQ_COLUMNS,
+)  # fmt: skip
 
 
 def eval_windows(tokenizer, count: int | None = None) -> torch.Tensor:

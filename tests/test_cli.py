@@ -191,7 +191,7 @@ def test_recipe_label_of_gptq():
         (["--method", "gptq", "--bits", "4", "--group-size", "100"], "--group-size 100 does not divide the input width 576"),
         (["--method", "rtn", "--bits", "4", "--act-order"], "--act-order applies to gptq only, not rtn"),
         (["--method", "nf4", "--damp", "0.1"], "--damp applies to gptq only, not nf4"),
-        (["--method", "rtn", "--bits", "4", "--calibration-samples", "8"], "--calibration-samples applies to gptq only, not rtn"),
+        (["--method", "rtn", "--bits", "4", "--calibration-samples", "8"], "--calibration-samples applies to gptq, smoothquant, awq and awq_gptq only, not rtn"),
         (["--method", "gptq", "--bits", "4", "--calibration-samples", "1000", "--windows", "1"], "--calibration-samples 1000: the calibration split has"),
     ],
 )
