@@ -214,11 +214,10 @@ def results_rows(folder: Path) -> list[dict]:
 
 
 def check_pair(q: Question, rows: list[dict]) -> None:
-    by_label = {}
-    for row in rows:
-        if row["source"] == q.details["source"]:  # the rtn rows of gptq.json repeat baselines' on other tokens
-            by_label.setdefault(generators.label_of(row), []).append(row)
-    winner, loser = by_label[q.details["winner"]], by_label[q.details["loser"]]
+    def named(label: str, source: str) -> list[dict]:  # the rtn rows of gptq.json repeat baselines'
+        return [row for row in rows if row["source"] == source and generators.label_of(row) == label]
+
+    winner, loser = named(q.details["winner"], q.details["source"]), named(q.details["loser"], q.details["loser_source"])
     assert len(winner) == len(loser) == 1, "a label must name one row"
     assert winner[0]["kld"] < loser[0]["kld"] and winner[0]["ppl"] < loser[0]["ppl"]
     assert q.choices[q.answer].startswith(q.details["winner"] + ":")
@@ -237,13 +236,8 @@ def test_recipe_pairs_come_from_the_published_results():
 
 
 def test_recipe_pairs_use_gptq_results_when_present(tmp_path):
-    for name in ("baselines.json", "nf4.json"):
+    for name in ("baselines.json", "nf4.json", "gptq.json"):
         shutil.copy(generators.RESULTS_DIR / name, tmp_path / name)
-    fast = json.loads((generators.RESULTS_DIR / "gptq.fast.json").read_text())
-    fast["meta"]["fast_mode"] = False  # stands in for the published gptq.json
-    for row in fast["rows"]:
-        row["fast_mode"] = False
-    (tmp_path / "gptq.json").write_text(json.dumps(fast))
     (tmp_path / "broken.json").write_text("{not json")
     pairs = generators.recipe_pairs(tmp_path)
     assert {"algorithm", "act_order"} <= {field for _, _, field, _ in pairs}
@@ -253,7 +247,10 @@ def test_recipe_pairs_use_gptq_results_when_present(tmp_path):
 
 
 def test_fast_mode_results_are_never_used(tmp_path):
-    shutil.copy(generators.RESULTS_DIR / "gptq.fast.json", tmp_path / "gptq.fast.json")
+    published = json.loads((generators.RESULTS_DIR / "gptq.json").read_text())
+    fast = {"meta": {**published["meta"], "fast_mode": True}, "rows": [{**r, "fast_mode": True} for r in published["rows"]]}
+    (tmp_path / "gptq.fast.json").write_text(json.dumps(published))  # the name alone marks it
+    (tmp_path / "renamed.json").write_text(json.dumps(fast))  # the flags mark it
     assert generators.recipe_pairs(tmp_path) == ()
     with pytest.raises(LookupError, match="no comparable recipe pairs"):
         generators.recipe_pair_question(random.Random(0), tmp_path)

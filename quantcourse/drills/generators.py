@@ -549,8 +549,13 @@ def recipe_pairs(results_dir: Path = RESULTS_DIR) -> tuple[tuple[dict, dict, str
     """(winner, loser, field, reason) for every pair of rows measured on the same held-out tokens
     that differ in exactly one setting, where the winner's KLD is at least 15% lower, its
     perplexity lower too, and `why` has a reason."""
-    rows = [(r, recipe_settings(r)) for r in result_rows(results_dir)]
-    rows = [(r, s) for r, s in rows if s is not None]
+    rows, seen = [], set()
+    for r in result_rows(results_dir):
+        settings = recipe_settings(r)
+        key = (label_of(r), r["eval_tokens"], round(r["ref_ppl"], 6))  # gptq.json repeats baselines' RTN rows
+        if settings is not None and key not in seen:
+            seen.add(key)
+            rows.append((r, settings))
     pairs = []
     for i, (a, sa) in enumerate(rows):
         for b, sb in rows[i + 1 :]:
@@ -592,17 +597,18 @@ def recipe_pair_question(rng: random.Random, results_dir: Path = RESULTS_DIR) ->
         return (f"{label_of(row)}: KLD {row['kld']:.4g}, perplexity {row['ppl']:.3f} ({100 * (row['ppl'] / row['ref_ppl'] - 1):+.1f}%), "
                 f"{row['bits_per_weight']:.4g} bits per weight")  # fmt: skip
 
+    sources = list(dict.fromkeys((win["source"], lose["source"])))
     prompt = (f"Two recipes, each applied to all decoder linear layers of SmolLM2-135M and scored on the same "
-              f"{win['eval_tokens']:,} held-out tokens ({win['source']}):\n  A. {label_of(first)}\n  B. {label_of(second)}\n"
+              f"{win['eval_tokens']:,} held-out tokens ({', '.join(sources)}):\n  A. {label_of(first)}\n  B. {label_of(second)}\n"
               "Which changes the model less (lower KL divergence from the reference), and why?")  # fmt: skip
     explanation = (f"Measured: {measured(win)}; {measured(lose)}. They differ only in {field.replace('_', '-')}: "
                    f"{reason}. The third choice names a setting the two share, so it cannot explain the difference.")  # fmt: skip
     pointer = POINTERS.get(win["source"], "course/01_affine.ipynb §9")
     if win["source"] == "baselines.json" and field == "act":
         pointer = "course/02_outliers.ipynb §5"
-    details = {"field": field, "winner": label_of(win), "loser": label_of(lose), "source": win["source"]}
+    details = {"field": field, "winner": label_of(win), "loser": label_of(lose), "source": win["source"], "loser_source": lose["source"]}
     return Question("", "recipes", prompt, answer, explanation, pointer, choices=choices,
-                    reference=f"benchmarks/results/{win['source']}", details=details)  # fmt: skip
+                    reference=", ".join(f"benchmarks/results/{name}" for name in sources), details=details)  # fmt: skip
 
 
 GENERATORS = {
