@@ -16,6 +16,9 @@ Inside the learner process:
 
 Objects of dataclasses (an `AffineSpec`, say) travel as their fields and arrive as a
 `types.SimpleNamespace`: attribute access works, methods do not. torch dtypes travel by name.
+numpy arrays travel like tensors, marked as arrays: a suite's numpy arguments reach the learner's
+function as numpy arrays (lab 09 is written with numpy), while every result reaches the grader
+as a tensor, which is what the suites compare. bytes travel as bytes.
 
 Protocol: the grader writes one JSON request per line on stdin; answers go, one JSON object per
 line, to the file descriptor named by QUANTCOURSE_SANDBOX_FD. Tensors travel as raw bytes
@@ -48,7 +51,11 @@ def encode(value, depth: int = 0):
         data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         return {"__tensor__": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "data": base64.b64encode(data).decode()}
     if type(value).__module__ == "numpy" and hasattr(value, "dtype"):
-        return encode(torch.from_numpy(value.copy()) if value.ndim else torch.tensor(value.item()), depth)
+        if not value.ndim:  # a numpy scalar: a 0-dim tensor
+            return encode(torch.tensor(value.item()), depth)
+        return {**encode(torch.from_numpy(value.copy()), depth), "numpy": True}
+    if isinstance(value, (bytes, bytearray)):
+        return {"__bytes__": base64.b64encode(value).decode()}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, tuple):
@@ -63,12 +70,16 @@ def encode(value, depth: int = 0):
     return {"__unsupported__": f"{type(value).__name__}: {repr(value)[:200]}"}
 
 
-def decode(value):
-    """Inverse of `encode` (used on both sides: arguments go down, results come back)."""
+def decode(value, numpy_arrays: bool = False):
+    """Inverse of `encode` (used on both sides: arguments go down, results come back).
+
+    numpy_arrays: what was a numpy array comes back as one (the learner process decodes its
+    arguments so); otherwise every array becomes a tensor (the grader decodes results so).
+    """
     import torch
 
     if isinstance(value, list):
-        return [decode(v) for v in value]
+        return [decode(v, numpy_arrays) for v in value]
     if not isinstance(value, dict):
         return value
     if "__dtype__" in value:
@@ -78,13 +89,16 @@ def decode(value):
         dtype = getattr(torch, value["__tensor__"])
         raw = bytearray(base64.b64decode(value["data"]))
         flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-        return flat.view(dtype).reshape(value["shape"]).clone()
+        tensor = flat.view(dtype).reshape(value["shape"]).clone()
+        return tensor.numpy() if numpy_arrays and value.get("numpy") else tensor
+    if "__bytes__" in value:
+        return base64.b64decode(value["__bytes__"])
     if "__tuple__" in value:
-        return tuple(decode(v) for v in value["__tuple__"])
+        return tuple(decode(v, numpy_arrays) for v in value["__tuple__"])
     if "__dict__" in value:
-        return {k: decode(v) for k, v in value["__dict__"].items()}
+        return {k: decode(v, numpy_arrays) for k, v in value["__dict__"].items()}
     if "__object__" in value:  # a dataclass such as AffineSpec: its fields, as attributes
-        return types.SimpleNamespace(**{k: decode(v) for k, v in value["fields"].items()})
+        return types.SimpleNamespace(**{k: decode(v, numpy_arrays) for k, v in value["fields"].items()})
     return Unsupported(value.get("__unsupported__", "unknown value"))
 
 
@@ -281,8 +295,8 @@ def serve() -> None:
             try:
                 if not callable(function):
                     raise NameError(f"{request['name']} is not defined")
-                args = decode(request["args"])
-                kwargs = decode(request["kwargs"])
+                args = decode(request["args"], numpy_arrays=True)
+                kwargs = decode(request["kwargs"], numpy_arrays=True)
                 result = {"ok": True, "value": encode(function(*args, **kwargs))}
             except BaseException as exc:  # noqa: BLE001
                 result = {"ok": False, "error": error_info(exc)}

@@ -197,6 +197,15 @@ def check_blocks(blocks: np.ndarray, size: int) -> np.ndarray:
     return blocks.astype(np.float32, copy=False)
 
 
+def check_data(data: np.ndarray, type_size: int) -> np.ndarray:
+    """Encoded blocks, one row of `type_size` bytes each: uint8 [n, type_size], else an error."""
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        raise TypeError(f"expected encoded blocks as a numpy uint8 array, got {getattr(data, 'dtype', type(data).__name__)}")
+    if data.ndim != 2 or data.shape[1] != type_size:
+        raise ValueError(f"expected encoded blocks of shape [n, {type_size}] (one row per block), got {data.shape}")
+    return data
+
+
 # ---------------------------------------------------------------- legacy types: blocks of 32
 
 
@@ -210,6 +219,7 @@ def quantize_q4_0(blocks: np.ndarray) -> np.ndarray:
 
 def dequantize_q4_0(data: np.ndarray) -> np.ndarray:
     """[n, 18] uint8 -> [n, 32] float32: d * (q - 8)."""
+    data = check_data(data, 18)
     d = fp16_value(data[:, :2])
     q = unpack_nibbles(data[:, 2:]).astype(np.int8) - np.int8(8)
     return d[:, None] * q.astype(np.float32)
@@ -226,6 +236,7 @@ def quantize_q4_1(blocks: np.ndarray) -> np.ndarray:
 
 def dequantize_q4_1(data: np.ndarray) -> np.ndarray:
     """[n, 20] uint8 -> [n, 32] float32: d * q + m."""
+    data = check_data(data, 20)
     d, m = fp16_value(data[:, :2]), fp16_value(data[:, 2:4])
     return d[:, None] * unpack_nibbles(data[:, 4:]).astype(np.float32) + m[:, None]
 
@@ -240,6 +251,7 @@ def quantize_q5_0(blocks: np.ndarray) -> np.ndarray:
 
 def dequantize_q5_0(data: np.ndarray) -> np.ndarray:
     """[n, 22] uint8 -> [n, 32] float32: d * (q - 16)."""
+    data = check_data(data, 22)
     d = fp16_value(data[:, :2])
     q = (unpack_nibbles(data[:, 6:]) | unpack_high_bits(data[:, 2:6])).astype(np.int8) - np.int8(16)
     return d[:, None] * q.astype(np.float32)
@@ -257,6 +269,7 @@ def quantize_q5_1(blocks: np.ndarray) -> np.ndarray:
 
 def dequantize_q5_1(data: np.ndarray) -> np.ndarray:
     """[n, 24] uint8 -> [n, 32] float32: d * q + m."""
+    data = check_data(data, 24)
     d, m = fp16_value(data[:, :2]), fp16_value(data[:, 2:4])
     q = unpack_nibbles(data[:, 8:]) | unpack_high_bits(data[:, 4:8])
     return d[:, None] * q.astype(np.float32) + m[:, None]
@@ -272,6 +285,7 @@ def quantize_q8_0(blocks: np.ndarray) -> np.ndarray:
 
 def dequantize_q8_0(data: np.ndarray) -> np.ndarray:
     """[n, 34] uint8 -> [n, 32] float32: d * q."""
+    data = check_data(data, 34)
     d = fp16_value(data[:, :2])
     return data[:, 2:].view(np.int8).astype(np.float32) * d[:, None]
 
@@ -452,6 +466,7 @@ def quantize_q4_k(blocks: np.ndarray, search: bool = True) -> np.ndarray:
 
 def dequantize_q4_k(data: np.ndarray) -> np.ndarray:
     """[n, 144] uint8 -> [n, 256] float32: (d * sc_j) * q - dmin * m_j per sub-block j of 32."""
+    data = check_data(data, 144)
     n = data.shape[0]
     d, dmin = fp16_value(data[:, 0:2]), fp16_value(data[:, 2:4])
     ls, lm = unpack_scales_k4(data[:, 4:16])
@@ -478,6 +493,7 @@ def quantize_q5_k(blocks: np.ndarray, search: bool = True) -> np.ndarray:
 
 def dequantize_q5_k(data: np.ndarray) -> np.ndarray:
     """[n, 176] uint8 -> [n, 256] float32: (d * sc_j) * q - dmin * m_j, q in 0..31."""
+    data = check_data(data, 176)
     n = data.shape[0]
     d, dmin = fp16_value(data[:, 0:2]), fp16_value(data[:, 2:4])
     ls, lm = unpack_scales_k4(data[:, 4:16])
@@ -527,6 +543,7 @@ def quantize_q6_k(blocks: np.ndarray, search: bool = True) -> np.ndarray:
 
 def dequantize_q6_k(data: np.ndarray) -> np.ndarray:
     """[n, 210] uint8 -> [n, 256] float32: (d * sc_j) * (q - 32) per sub-block j of 16."""
+    data = check_data(data, 210)
     n = data.shape[0]
     ql = data[:, :128].reshape(n, 2, 2, 32)  # [n, half, byte group, l]
     qh = data[:, 128:192].reshape(n, 2, 1, 32)

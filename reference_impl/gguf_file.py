@@ -17,6 +17,10 @@ array [rows, cols] is therefore stored with dims (cols, rows), the reverse of it
 (reference_impl/gguf.py) run along ne[0], so a weight [out_features, in_features] is quantized
 in blocks of its input dimension, one row per output feature.
 
+Reading takes two steps: `parse_header` turns the file's first bytes into a `Header` (bytes in,
+fields out, nothing else touched: lab 09 asks learners to write it), and `read_gguf` maps the
+file, calls it, and checks that every tensor's bytes lie inside the file.
+
 Requantizing follows llama.cpp's `llama-quantize`: every 2-D weight (not the norms) gets a type
 chosen by the file type ("ftype") recipe, is decoded to float32 and encoded again; a tensor whose
 type does not change is copied byte for byte. `tensor_type` implements a documented subset of
@@ -162,15 +166,15 @@ class GGUFFile:
 
 
 class Cursor:
-    """Reads little-endian GGUF fields from a buffer, raising GGUFError at the end of the file."""
+    """Reads little-endian GGUF fields from a buffer, raising GGUFError where the buffer ends."""
 
-    def __init__(self, buffer, path: Path):
-        self.buffer, self.pos, self.path = buffer, 0, path
+    def __init__(self, buffer):
+        self.buffer, self.pos = buffer, 0
 
     def unpack(self, fmt: str):
         size = struct.calcsize(fmt)
         if self.pos + size > len(self.buffer):
-            raise GGUFError(f"{self.path} ends in the middle of its header (at byte {self.pos}): the file is truncated")
+            raise GGUFError(f"the data ends in the middle of the header (at byte {self.pos}): the file is truncated")
         (value,) = struct.unpack_from(fmt, self.buffer, self.pos)
         self.pos += size
         return value
@@ -178,7 +182,7 @@ class Cursor:
     def string(self) -> str:
         length = self.unpack("<Q")
         if self.pos + length > len(self.buffer):
-            raise GGUFError(f"{self.path}: a string at byte {self.pos} runs past the end of the file")
+            raise GGUFError(f"a string at byte {self.pos} runs past the end of the data: the file is truncated")
         raw = bytes(self.buffer[self.pos : self.pos + length])
         self.pos += length
         return raw.decode("utf-8")
@@ -192,7 +196,7 @@ class Cursor:
                 fmt = SCALAR_FORMATS[ValueType(item_type)]
                 size = struct.calcsize(fmt) * count
                 if self.pos + size > len(self.buffer):
-                    raise GGUFError(f"{self.path}: an array at byte {self.pos} runs past the end of the file")
+                    raise GGUFError(f"an array at byte {self.pos} runs past the end of the data: the file is truncated")
                 items = list(struct.unpack_from(f"<{count}{fmt[1]}", self.buffer, self.pos))
                 self.pos += size
             elif item_type == ValueType.STRING:
@@ -200,11 +204,75 @@ class Cursor:
             elif item_type == ValueType.ARRAY:
                 items = [self.value(ValueType.ARRAY) for _ in range(count)]
             else:
-                raise GGUFError(f"{self.path}: unknown array item type {item_type} at byte {self.pos}")
+                raise GGUFError(f"unknown array item type {item_type} at byte {self.pos}")
             return MetadataValue(ValueType.ARRAY, items, ValueType(item_type))
         if vtype in SCALAR_FORMATS:
             return MetadataValue(ValueType(vtype), self.unpack(SCALAR_FORMATS[ValueType(vtype)]))
-        raise GGUFError(f"{self.path}: unknown metadata value type {vtype} at byte {self.pos}")
+        raise GGUFError(f"unknown metadata value type {vtype} at byte {self.pos}")
+
+
+@dataclass(frozen=True)
+class Header:
+    """Everything a GGUF file says before its tensor data, as `parse_header` reads it.
+
+    metadata and tensors keep the file's order. data_offset: where the data section starts, the
+    end of the tensor infos rounded up to `alignment`; each tensor's bytes start `offset` later.
+    """
+
+    version: int
+    metadata: dict[str, MetadataValue]
+    tensors: dict[str, TensorInfo]
+    alignment: int
+    data_offset: int
+
+
+def parse_header(data) -> Header:
+    """Read a GGUF file's header, metadata and tensor infos from its first bytes.
+
+    data: bytes (or any buffer: an mmap, a memoryview) from the start of the file to at least the
+    end of its tensor infos; bytes beyond are ignored. Raises GGUFError when the data is not a
+    GGUF file, has a version other than 2 or 3, ends in the middle of a field, or holds a value
+    type or a tensor type this module does not know.
+    """
+    start = bytes(data[: len(MAGIC)])
+    if start != MAGIC:
+        raise GGUFError(
+            f"this is not a GGUF file: it starts with {start!r}, a GGUF file with {MAGIC!r}. "
+            "Pass a .gguf model file (llama.cpp's format)."
+        )
+    cursor = Cursor(data)
+    cursor.pos = len(MAGIC)
+    version = cursor.unpack("<I")
+    if version not in (2, 3):
+        swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+        hint = " It is a big-endian file; this reader reads little-endian ones." if swapped in (2, 3) else ""
+        raise GGUFError(f"GGUF version {version} is not supported (versions 2 and 3 are).{hint}")
+    n_tensors, n_kv = cursor.unpack("<Q"), cursor.unpack("<Q")
+    metadata = {}
+    for _ in range(n_kv):
+        key = cursor.string()
+        metadata[key] = cursor.value(cursor.unpack("<I"))
+    tensors = {}
+    for _ in range(n_tensors):
+        name = cursor.string()
+        dims = [cursor.unpack("<Q") for _ in range(cursor.unpack("<I"))]
+        type_id, offset = cursor.unpack("<I"), cursor.unpack("<Q")
+        if type_id not in TYPES_BY_ID:
+            raise GGUFError(
+                f"tensor {name} has GGML type {type_id}, which this reader does not decode "
+                f"(it handles {', '.join(BLOCK_TYPES)})"
+            )
+        tensors[name] = TensorInfo(name, TYPES_BY_ID[type_id].name, tuple(reversed(dims)), offset)
+    alignment = alignment_of(metadata)
+    return Header(version, metadata, tensors, alignment, padded(cursor.pos, alignment))
+
+
+def alignment_of(metadata: dict[str, MetadataValue]) -> int:
+    """The data alignment: general.alignment if the metadata has it (a power of two), else 32."""
+    alignment = metadata[ALIGNMENT_KEY].value if ALIGNMENT_KEY in metadata else DEFAULT_ALIGNMENT
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
+        raise GGUFError(f"{ALIGNMENT_KEY} must be a power of two, got {alignment!r}")
+    return alignment
 
 
 def read_gguf(path: str | Path) -> GGUFFile:
@@ -212,47 +280,22 @@ def read_gguf(path: str | Path) -> GGUFFile:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such GGUF file: {path}")
-    with open(path, "rb") as f:
-        start = f.read(4)
-        if start != MAGIC:
-            raise GGUFError(
-                f"{path} is not a GGUF file: it starts with {start!r}, a GGUF file with {MAGIC!r}. "
-                "Pass a .gguf model file (llama.cpp's format)."
-            )
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
-            return parse(buffer, path)
+    if path.stat().st_size == 0:  # mmap cannot map an empty file
+        raise GGUFError(f"{path} is empty, not a GGUF file. Pass a .gguf model file (llama.cpp's format).")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
+        return parse(buffer, path)
 
 
 def parse(buffer, path: Path) -> GGUFFile:
-    """The header, metadata and tensor infos of a GGUF file mapped in `buffer`."""
-    cursor = Cursor(buffer, path)
-    cursor.pos = 4
-    version = cursor.unpack("<I")
-    if version not in (2, 3):
-        raise GGUFError(f"{path}: GGUF version {version} is not supported (versions 2 and 3 are)")
-    n_tensors, n_kv = cursor.unpack("<Q"), cursor.unpack("<Q")
-    metadata = {}
-    for _ in range(n_kv):
-        key = cursor.string()
-        metadata[key] = cursor.value(cursor.unpack("<I"))
-    infos = []
-    for _ in range(n_tensors):
-        name = cursor.string()
-        dims = [cursor.unpack("<Q") for _ in range(cursor.unpack("<I"))]
-        type_id, offset = cursor.unpack("<I"), cursor.unpack("<Q")
-        if type_id not in TYPES_BY_ID:
-            raise GGUFError(
-                f"{path}: tensor {name} has GGML type {type_id}, which this reader does not decode "
-                f"(it handles {', '.join(BLOCK_TYPES)})"
-            )
-        infos.append(TensorInfo(name, TYPES_BY_ID[type_id].name, tuple(reversed(dims)), offset))
-    alignment = metadata[ALIGNMENT_KEY].value if ALIGNMENT_KEY in metadata else DEFAULT_ALIGNMENT
-    data_offset = padded(cursor.pos, alignment)
-    for info in infos:
-        if data_offset + info.offset + info.nbytes > len(buffer):
+    """The GGUF file mapped in `buffer`: its header (parse_header), checked against its size."""
+    try:
+        header = parse_header(buffer)
+    except GGUFError as error:
+        raise GGUFError(f"{path}: {error}") from None
+    for info in header.tensors.values():
+        if header.data_offset + info.offset + info.nbytes > len(buffer):
             raise GGUFError(f"{path}: the bytes of tensor {info.name} run past the end of the file: it is truncated")
-    tensors = {info.name: info for info in infos}
-    return GGUFFile(path, version, metadata, tensors, alignment, data_offset)
+    return GGUFFile(path, header.version, header.metadata, header.tensors, header.alignment, header.data_offset)
 
 
 def padded(n: int, alignment: int) -> int:
@@ -299,9 +342,7 @@ class TensorData:
 def write_gguf(path: str | Path, metadata: dict[str, MetadataValue], tensors: list[TensorData]) -> int:
     """Write a GGUF v3 file; returns its size in bytes. The alignment is metadata's
     general.alignment if present, else 32. Metadata and tensors keep the order given."""
-    alignment = metadata[ALIGNMENT_KEY].value if ALIGNMENT_KEY in metadata else DEFAULT_ALIGNMENT
-    if alignment < 1 or alignment & (alignment - 1):
-        raise GGUFError(f"{ALIGNMENT_KEY} must be a power of two, got {alignment}")
+    alignment = alignment_of(metadata)
     header = [MAGIC, struct.pack("<IQQ", VERSION, len(tensors), len(metadata))]
     for key, v in metadata.items():
         header += [pack_string(key), struct.pack("<I", v.type), pack_value(v)]
