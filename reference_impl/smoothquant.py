@@ -16,16 +16,20 @@ the smoothed maxima become max|X_j|^(1-alpha) max|W_j|^(1-alpha) for the activat
 max|X_j|^alpha max|W_j|^alpha for the weights: alpha = 0.5 gives both the same range per
 channel, alpha -> 1 flattens the activations (every channel's max becomes 1) and piles the
 outliers into the weights, alpha = 0 does the opposite. max|X_j| comes from calibration text
-(`activation_absmax`); max|W_j| is taken over every linear layer that reads the same input
-(q, k and v share one s, so do gate and up), because one factor must serve them all.
+(`activation_absmax`, a running max folded in batch by batch by `accumulate_absmax`); max|W_j|
+is taken over every linear layer that reads the same input (`column_absmax`: q, k and v share
+one s, so do gate and up), because one factor must serve them all.
 
 Nothing is left to run at inference: 1/s is folded into the op that produces X. In a Llama
 block that is the RMSNorm before q, k, v and the one before gate, up (y = g * x / rms(x), so
 g_j <- g_j / s_j divides channel j of its output). o_proj and down_proj have no such op in front
 of them in the paper's recipe and stay unsmoothed. The extension this module adds, for SmolLM2's
-down_proj inputs (|x| up to 461 in layer 29): the MLP computes down(SiLU(gate(x)) * up(x)),
+down_proj inputs (|x| near 3000 in layer 11 and 2400 in layer 28 on the calibration text, a few
+hundred in others; smoothquant.md lists them): the MLP computes down(SiLU(gate(x)) * up(x)),
 which is linear in up(x), so dividing row j of up_proj's weight (and bias) by s_j divides
 channel j of down_proj's input by s_j exactly; down_proj's column j takes the s_j.
+(`smoothed_weights` computes the folded parameters from the old ones; `fold_factors` writes
+them into the model's modules.)
 
 Then every linear layer becomes W8A8 (`SmoothQuantLinear`): int8 weights with one absmax
 scale per output channel, and int8 activations with either one scale per token, computed at
@@ -51,6 +55,7 @@ from torch import nn
 
 from quantcourse.surgery import decoder_layers, linear_layers, replace_linears
 
+from .affine import check_tensor
 from .llm_int8 import (
     QMAX,
     W8A8Linear,
@@ -61,7 +66,6 @@ from .llm_int8 import (
     int8_vectorwise_dequant,
     int8_vectorwise_quant,
 )
-from .outliers import collect_channel_stats
 
 SCALE_MIN = 1e-5  # smooth.py clamps max|W_j| and s_j from below by this
 ALPHA_LLAMA = 0.85  # the migration strength smoothquant's repository uses for Llama-family models
@@ -86,14 +90,38 @@ def shared_inputs(model) -> dict[str, str]:
     return sources
 
 
+def accumulate_absmax(absmax: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Fold a batch of activations into the running max |X_j| of every input channel j.
+
+    absmax: [K] float, the maxima so far (zeros to start: |x| >= 0). x: [..., K] float, one token
+    per row ([K], [tokens, K] or [batch, length, K]). Returns a new [K] float32 tensor,
+    max(absmax_j, max over the tokens of x of |x_j|); absmax is not modified. A batch without
+    tokens leaves the maxima as they were.
+    """
+    if not isinstance(absmax, torch.Tensor) or not absmax.is_floating_point() or absmax.dim() != 1:
+        raise TypeError(
+            f"absmax must be a float vector [K] of the maxima so far (torch.zeros(K) to start), got "
+            f"{getattr(absmax, 'dtype', type(absmax).__name__)} of shape {tuple(getattr(absmax, 'shape', ()))}"
+        )
+    check_tensor(x, "x")
+    if x.dim() == 0 or x.shape[-1] != absmax.shape[0]:
+        raise ValueError(
+            f"x must be [..., K] with K = {absmax.shape[0]} channels (one token per row), got shape {tuple(x.shape)}"
+        )
+    tokens = x.detach().reshape(-1, x.shape[-1])
+    if tokens.shape[0] == 0:
+        return absmax.float().clone()
+    return torch.maximum(absmax.float(), tokens.abs().amax(dim=0).float())
+
+
 @torch.no_grad()
 def activation_absmax(model, windows: torch.Tensor) -> dict[str, torch.Tensor]:
     """max |X_j| over the calibration tokens, for every input channel of every decoder linear layer.
 
     windows: [n, L] int64 token ids of calibration text, run through the (float) model one window
-    at a time; forward pre-hooks reduce each input to its per-channel max on the fly
-    (`outliers.collect_channel_stats`), once per distinct input: layers that share an input
-    share the same tensor. Returns name -> [in_features] float32, in forward order.
+    at a time; forward pre-hooks fold each input into its layer's maxima on the fly
+    (`accumulate_absmax`), once per distinct input: layers that share an input share the same
+    tensor. Returns name -> [in_features] float32, in forward order.
     """
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
         raise TypeError(
@@ -101,8 +129,26 @@ def activation_absmax(model, windows: torch.Tensor) -> dict[str, torch.Tensor]:
             f"of shape {tuple(getattr(windows, 'shape', ()))}; use corpus.token_windows(tokenizer, 'calibration', 512, n)"
         )
     sources = shared_inputs(model)
-    stats = collect_channel_stats(model, windows, names=sorted(set(sources.values()), key=list(sources).index))
-    return {name: stats[source].absmax for name, source in sources.items()}
+    layers = linear_layers(model)
+    absmax = {
+        source: torch.zeros(layers[source].in_features, device=layers[source].weight.device)
+        for source in dict.fromkeys(sources.values())
+    }
+
+    def hook_for(source):
+        def hook(module, args):
+            absmax[source] = accumulate_absmax(absmax[source], args[0])
+
+        return hook
+
+    handles = [layers[source].register_forward_pre_hook(hook_for(source)) for source in absmax]
+    try:
+        for window in windows:
+            model(window[None], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: absmax[source] for name, source in sources.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,18 +164,33 @@ def check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
-def weight_absmax(linears: Sequence[nn.Linear]) -> torch.Tensor:
-    """max |W[:, j]| over the rows of every linear layer in `linears`, clamped to >= 1e-5.
+def column_absmax(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """max |W[:, j]| over the rows of every weight in `weights`, clamped to >= 1e-5.
 
-    linears: the layers that read one input (same in_features K). Returns [K] float32.
+    weights: the [N_i, K] weights of the layers that read one input (in SmolLM2, q, k, v:
+    [576, 576], [192, 576], [192, 576]). Returns [K] float32. The clamp keeps a column that is
+    zero in every layer from dividing by zero in `smoothing_factors`.
     """
+    if (
+        isinstance(weights, torch.Tensor)
+        or not weights
+        or not all(isinstance(W, torch.Tensor) and W.is_floating_point() and W.dim() == 2 for W in weights)
+    ):
+        raise TypeError(
+            "weights must be a non-empty list of float weight matrices [N, K] reading the same input; [W] for one layer"
+        )
+    widths = sorted({W.shape[1] for W in weights})
+    if len(widths) != 1:
+        raise ValueError(f"the layers of one smoothing group must read the same input, got in_features {widths}")
+    columns = torch.stack([W.detach().abs().amax(dim=0).float() for W in weights])  # [layers, K]
+    return columns.amax(dim=0).clamp(min=SCALE_MIN)
+
+
+def weight_absmax(linears: Sequence[nn.Linear]) -> torch.Tensor:
+    """`column_absmax` of the weights of `linears`, the layers that read one input. Returns [K] float32."""
     if not linears or not all(isinstance(fc, nn.Linear) for fc in linears):
         raise TypeError("linears must be a non-empty list of nn.Linear reading the same input")
-    widths = {fc.in_features for fc in linears}
-    if len(widths) != 1:
-        raise ValueError(f"the layers of one smoothing group must read the same input, got in_features {sorted(widths)}")
-    columns = torch.stack([fc.weight.detach().abs().amax(dim=0).float() for fc in linears])  # [layers, K]
-    return columns.amax(dim=0).clamp(min=SCALE_MIN)
+    return column_absmax([fc.weight for fc in linears])
 
 
 def smoothing_factors(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -155,34 +216,61 @@ def smoothing_factors(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: f
 # Folding the factors into the model
 
 
+def smoothed_weights(
+    previous_weight: torch.Tensor, previous_bias: torch.Tensor | None, weights: Sequence[torch.Tensor], s: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+    """The parameters with s folded in: output channel j of the op before divided by s_j, input
+    column j of every layer after multiplied by s_j.
+
+    previous_weight: a norm's gain g [K] (y_j = g_j * xhat_j + b_j, so g_j / s_j) or the weight
+    [K, in] of a Linear that produces the input (row j / s_j). previous_bias: its bias [K]
+    (b_j / s_j) or None. weights: the [N_i, K] weights of the layers reading the input
+    (W[:, j] * s_j). s: [K] positive. Returns (previous_weight, previous_bias, weights) as new
+    tensors, each in its input's dtype (s is cast to that dtype first); the inputs are unchanged.
+    """
+    if not isinstance(s, torch.Tensor) or not s.is_floating_point() or s.dim() != 1:
+        raise TypeError(f"s must be a float vector [K] of smoothing factors, got {getattr(s, 'dtype', type(s).__name__)}")
+    if not (torch.isfinite(s).all() and (s > 0).all()):
+        raise ValueError("the smoothing factors s must be finite and > 0: the op before divides by them")
+    K = s.shape[0]
+    if previous_weight.dim() not in (1, 2) or previous_weight.shape[0] != K:
+        raise ValueError(
+            f"the previous op has {previous_weight.shape[0] if previous_weight.dim() else 0} outputs, but s has {K} channels "
+            f"(previous_weight must be a norm's gain [K] or a Linear weight [K, in], got {tuple(previous_weight.shape)})"
+        )
+    if previous_bias is not None and previous_bias.shape != (K,):
+        raise ValueError(f"previous_bias must be [K] = [{K}] or None, got shape {tuple(previous_bias.shape)}")
+    for W in weights:
+        if W.dim() != 2 or W.shape[1] != K:
+            raise ValueError(f"a linear layer reads {W.shape[-1] if W.dim() else 0} channels, but s has {K}")
+    divisor = s.to(previous_weight.dtype)
+    previous_weight = previous_weight / (divisor[:, None] if previous_weight.dim() == 2 else divisor)
+    if previous_bias is not None:
+        previous_bias = previous_bias / s.to(previous_bias.dtype)
+    return previous_weight, previous_bias, [W * s.to(W.dtype)[None, :] for W in weights]
+
+
 @torch.no_grad()
 def fold_factors(previous: nn.Module, linears: Sequence[nn.Linear], s: torch.Tensor) -> None:
     """Divide the output channels of `previous` by s and multiply the input columns of `linears` by s.
 
-    previous: an RMSNorm or LayerNorm (weight [K], bias [K] if any: y_j = g_j * xhat_j + b_j, so
-    g_j and b_j are divided) or an nn.Linear producing the input (rows of its weight [K, in] and
-    its bias divided). linears: the layers reading it, weight [N, K] -> W[:, j] * s_j. s: [K]
-    positive. In exact arithmetic the layers' outputs do not change; in place.
+    previous: an RMSNorm or LayerNorm (weight [K], bias [K] if any) or an nn.Linear producing
+    the input (weight [K, in]); linears: the layers reading it. The arithmetic is
+    `smoothed_weights`'; in exact arithmetic the layers' outputs do not change. In place.
     """
-    K = s.numel()
-    if isinstance(previous, nn.Linear):
-        if previous.out_features != K:
-            raise ValueError(f"the previous Linear has {previous.out_features} outputs, but s has {K} channels")
-        previous.weight.div_(s.to(previous.weight.dtype)[:, None])
-    else:
-        weight = getattr(previous, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.shape != (K,):
-            raise TypeError(
-                f"cannot fold factors into {type(previous).__name__}: expected a norm with a weight of "
-                f"shape ({K},) or an nn.Linear with {K} outputs"
-            )
-        weight.div_(s.to(weight.dtype))
-    if getattr(previous, "bias", None) is not None:
-        previous.bias.div_(s.to(previous.bias.dtype))
-    for fc in linears:
-        if fc.in_features != K:
-            raise ValueError(f"a linear layer reads {fc.in_features} channels, but s has {K}")
-        fc.weight.mul_(s.to(fc.weight.dtype)[None, :])
+    weight = getattr(previous, "weight", None)
+    if not isinstance(previous, nn.Linear) and not (isinstance(weight, torch.Tensor) and weight.dim() == 1):
+        raise TypeError(
+            f"cannot fold factors into {type(previous).__name__}: expected a norm with a weight of "
+            f"shape ({s.numel()},) or an nn.Linear with {s.numel()} outputs"
+        )
+    bias = getattr(previous, "bias", None)
+    new_weight, new_bias, new_weights = smoothed_weights(weight, bias, [fc.weight for fc in linears], s)
+    weight.copy_(new_weight)
+    if bias is not None:
+        bias.copy_(new_bias)
+    for fc, W in zip(linears, new_weights):
+        fc.weight.copy_(W)
 
 
 @dataclass(frozen=True)
@@ -351,6 +439,17 @@ def fake_quant_w8a8(
     rounding of the scales (~1e-7 relative), so any error in the integer accumulation shows.
     Returns [M, N] float64 (no bias).
     """
+    if act_granularity not in ("token", "tensor"):
+        raise ValueError(f"act_granularity must be 'token' or 'tensor', got {act_granularity!r}")
+    if input_absmax is not None:
+        if act_granularity != "tensor":
+            raise ValueError("a static input_absmax is one scale per tensor: pass act_granularity='tensor'")
+        if not float(input_absmax) > 0:
+            raise ValueError(f"input_absmax must be a positive calibration maximum of |x|, got {input_absmax!r}")
+    check_matrix(x, "x")
+    check_matrix(weight, "weight")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x is {tuple(x.shape)} [M, K] but weight is {tuple(weight.shape)} [N, K]: K must agree")
     W_codes, W_absmax, _ = int8_vectorwise_quant(weight)
     if input_absmax is not None:
         X_codes, X_absmax = int8_static_quant(x, torch.tensor(float(input_absmax)))
