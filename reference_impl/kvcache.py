@@ -37,7 +37,10 @@ Memory arithmetic: `KVConfig` (layers, KV heads, head dim; from a Hugging Face c
 
 The cache: `QuantizedKVCache` is a transformers `Cache` whose layers store the quantized form only
 (codes and constants, plus the residual window) and hand attention the dequantized K/V. Its size
-is measured from those tensors (`QuantizedKVCache.nbytes`) and matches the calculator.
+is measured from those tensors (`QuantizedKVCache.nbytes`) and matches the calculator. KIVI's
+window rule is one pure function, `update_residual_window` (state and new tokens in, new state
+out), which `GroupedStore` calls; the stores can be swapped (`stores=`), as lab 08 does with the
+learner's functions.
 
 Layout (what a decode-attention kernel reads; B batch, H KV heads, T tokens, D head_dim):
     int8  K and V: codes int8 [B, H, T, D], scales float32 [B, H, T] (one per token and head).
@@ -73,7 +76,7 @@ position from the logits of its chunk: as many tokens of forward pass as one sin
 """
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -344,6 +347,8 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     codes: [..., n] uint8 in 0..2^bits-1, n a multiple of 8/bits. Returns [..., n*bits/8] uint8.
     """
     per_byte = 8 // bits
+    if codes.shape[-1] % per_byte:
+        raise ValueError(f"{codes.shape[-1]} codes do not fill whole bytes: at {bits} bits the last axis must be a multiple of {per_byte}")
     parts = codes.reshape(*codes.shape[:-1], -1, per_byte)
     packed = parts[..., 0].clone()
     for k in range(1, per_byte):
@@ -376,12 +381,15 @@ def quantize_groups(x: torch.Tensor, bits: int, group_size: int) -> GroupCodes:
     """KIVI's quantizer: groups of `group_size` consecutive elements of the last axis, each with its
     own min and scale = (max - min) / (2^bits - 1); q = clamp(round((x - min) / scale), 0, 2^bits - 1).
 
-    x: [..., n] float, n a multiple of group_size. The scale and minimum are rounded to fp16 first
-    and the codes computed with the rounded values, so dequantizing reproduces what was optimized.
+    x: [..., n] float, n a multiple of group_size; bits 2, 4 or 8 (the codes are packed into
+    bytes). The scale and minimum are rounded to fp16 first and the codes computed with the rounded
+    values, so dequantizing reproduces what was optimized.
     """
     n = x.shape[-1]
-    if n % group_size:
-        raise ValueError(f"the last axis ({n}) is not a multiple of group_size {group_size}")
+    if bits not in PACKABLE_BITS:
+        raise ValueError(f"bits must be one of {PACKABLE_BITS}: the codes are packed into whole bytes; got {bits}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or n % group_size:
+        raise ValueError(f"the last axis ({n}) is not a multiple of group_size {group_size!r}: groups must be whole")
     qmin, qmax = quant_range(bits, signed=False)
     groups = x.float().reshape(*x.shape[:-1], n // group_size, group_size)
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)
@@ -405,6 +413,45 @@ def concat_groups(a: GroupCodes | None, b: GroupCodes, dim: int) -> GroupCodes:
         return b
     parts = (torch.cat([x, y], dim=dim) for x, y in [(a.codes, b.codes), (a.scale, b.scale), (a.minimum, b.minimum)])
     return GroupCodes(*parts, a.bits, a.group_size)
+
+
+def update_residual_window(
+    quantized: GroupCodes | None,
+    window: torch.Tensor | None,
+    x: torch.Tensor,
+    bits: int,
+    group_size: int,
+    residual: int,
+    axis: Axis,
+) -> tuple[GroupCodes | None, torch.Tensor]:
+    """One write into KIVI's storage: append the new tokens to the full-precision window, then move
+    the tokens that are no longer among the newest `residual` into quantized groups, oldest first.
+
+    x: [B, H, t, D] the new tokens. window: [B, H, w, D] the tokens not quantized yet (None before
+    the first write); it stays in x's dtype. quantized: the groups so far (None while there are
+    none). Returns the new (quantized, window).
+
+    axis "token" (values, and the naive scheme's keys): every token older than the newest R leaves,
+    its D channels in groups of G: codes [B, H, Tq, D*bits/8], scale and minimum [B, H, Tq, D/G].
+    axis "channel" (KIVI's keys): each channel is grouped over G consecutive tokens, so tokens leave
+    only in whole groups of G, once all G are older than the newest R; stored transposed, tokens
+    along the last axis: codes [B, H, D, Tq*bits/8], scale and minimum [B, H, D, Tq/G].
+    """
+    if axis not in ("channel", "token"):
+        raise ValueError(f"axis must be 'channel' (KIVI's keys) or 'token' (values), got {axis!r}")
+    if residual < 0 or residual % group_size:
+        raise ValueError(f"residual {residual} must be a multiple of group_size {group_size}, so that keys leave the window in whole groups")
+    window = x if window is None else torch.cat([window, x], dim=-2)
+    leaving = max(0, window.shape[-2] - residual)
+    if axis == "channel":
+        leaving = leaving // group_size * group_size
+    if not leaving:
+        return quantized, window
+    # clone: a view would keep the departed tokens' full-precision storage alive
+    old, window = window[..., :leaving, :], window[..., leaving:, :].clone()
+    if axis == "channel":  # tokens run along the last axis of the stored codes
+        return concat_groups(quantized, quantize_groups(old.transpose(-1, -2).contiguous(), bits, group_size), dim=-1), window
+    return concat_groups(quantized, quantize_groups(old, bits, group_size), dim=-2), window
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,19 +534,9 @@ class GroupedStore:
         self.window = None  # [B, H, t, D] in the incoming dtype
 
     def append(self, x: torch.Tensor) -> None:
-        self.window = x if self.window is None else torch.cat([self.window, x], dim=-2)
-        leaving = max(0, self.window.shape[-2] - self.residual)
-        if self.axis == "channel":
-            leaving = leaving // self.group_size * self.group_size
-        if leaving:
-            # clone: a view would keep the departed tokens' full-precision storage alive
-            old, self.window = self.window[..., :leaving, :], self.window[..., leaving:, :].clone()
-            if self.axis == "channel":  # tokens run along the last axis of the stored codes
-                new = quantize_groups(old.transpose(-1, -2).contiguous(), self.bits, self.group_size)
-                self.quantized = concat_groups(self.quantized, new, dim=-1)
-            else:
-                new = quantize_groups(old, self.bits, self.group_size)
-                self.quantized = concat_groups(self.quantized, new, dim=-2)
+        self.quantized, self.window = update_residual_window(
+            self.quantized, self.window, x, self.bits, self.group_size, self.residual, self.axis
+        )
 
     def read(self, dtype: torch.dtype) -> torch.Tensor:
         if self.quantized is None:
@@ -514,6 +551,7 @@ class GroupedStore:
 
 
 def make_store(scheme: KVScheme, which: Literal["key", "value"], fp8_scale_value=None):
+    """The store for one layer's K or V: an object with append(x), read(dtype) and tensors()."""
     if scheme.kind == "float":
         return FloatStore(scheme.dtype)
     if scheme.kind == "int8":
@@ -532,13 +570,15 @@ class QuantizedKVLayer(DynamicLayer):
     """One decoder layer's cache in a `KVScheme`: writes quantize, reads dequantize everything.
 
     `keys` and `values` stay None: nothing unquantized is kept besides KIVI's window.
+    stores: the factory of the K and V stores, `make_store` unless another is given (lab 08 plugs
+    in stores built from the learner's functions).
     """
 
     is_croppable = False
 
-    def __init__(self, scheme: KVScheme, key_scale=None, value_scale=None):
+    def __init__(self, scheme: KVScheme, key_scale=None, value_scale=None, stores: Callable = make_store):
         super().__init__()
-        self.scheme, self.key_scale, self.value_scale = scheme, key_scale, value_scale
+        self.scheme, self.key_scale, self.value_scale, self.stores = scheme, key_scale, value_scale, stores
         self.key_store = self.value_store = None
         self.length = self.batch = 0
 
@@ -550,8 +590,8 @@ class QuantizedKVLayer(DynamicLayer):
                 f"head_dim {head_dim} is not a multiple of group_size {self.scheme.group_size}: KIVI groups "
                 "the values' channels, so pick a group size that divides the head dimension"
             )
-        self.key_store = make_store(self.scheme, "key", self.key_scale)
-        self.value_store = make_store(self.scheme, "value", self.value_scale)
+        self.key_store = self.stores(self.scheme, "key", self.key_scale)
+        self.value_store = self.stores(self.scheme, "value", self.value_scale)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -598,16 +638,16 @@ class QuantizedKVCache(Cache):
     config: the model's config (its num_hidden_layers layers are created). fp8_scales: optional
     float32 [layers, 2] per-layer (K, V) scales for an fp8 scheme (`fp8_scale(calibrate_kv_amax(...))`); without
     them each layer's scale is fixed by its first write. Pass it to `model(..., past_key_values=)`
-    or `model.generate(..., past_key_values=)`.
+    or `model.generate(..., past_key_values=)`. stores: see `QuantizedKVLayer`.
     """
 
-    def __init__(self, config, scheme: "KVScheme | str", fp8_scales: torch.Tensor | None = None):
+    def __init__(self, config, scheme: "KVScheme | str", fp8_scales: torch.Tensor | None = None, stores: Callable = make_store):
         self.scheme = get_scheme(scheme)
         layers = config.get_text_config(decoder=True).num_hidden_layers
         if fp8_scales is not None and (self.scheme.kind != "fp8" or tuple(fp8_scales.shape) != (layers, 2)):
             raise ValueError(f"fp8_scales must be a [{layers}, 2] tensor (K and V scale per layer) and needs an fp8 scheme")
         scale = (lambda i, j: None) if fp8_scales is None else (lambda i, j: fp8_scales[i, j])
-        super().__init__(layers=[QuantizedKVLayer(self.scheme, scale(i, 0), scale(i, 1)) for i in range(layers)])
+        super().__init__(layers=[QuantizedKVLayer(self.scheme, scale(i, 0), scale(i, 1), stores) for i in range(layers)])
 
     def nbytes(self) -> int:
         """Bytes held by all layers: codes, constants and full-precision window, measured."""
