@@ -208,6 +208,7 @@ def facts() -> dict:
 
 L00, L01, L02, L03 = "course/00_welcome.ipynb", "course/01_affine.ipynb", "course/02_outliers.ipynb", "course/03_nf4.ipynb"
 L04, L07, L10 = "course/04_gptq.ipynb", "course/07_qlora.ipynb", "course/10_triton_kernels.ipynb"
+L09 = "course/09_gguf.ipynb"
 
 CONCEPTS: tuple[Concept, ...] = (
     # ------------------------------------------------ questions the seed documents ask
@@ -1071,7 +1072,7 @@ CONCEPTS: tuple[Concept, ...] = (
         "A llama.cpp file type, not a block type: most tensors in Q4_K ({q4_k_bits:g} bits per weight), with attn_v "
         "and ffn_down in Q6_K ({q6_k_bits:.4g} bits) in the first and last eighth of the layers and every third layer "
         "between, and the output head in Q6_K. llama.cpp reports 4.89 bits per weight for Llama-3-8B.",
-        f"{L00} §3",
+        f"{L09} §6",
         choices=(
             "a file type mixing Q4_K with Q6_K for the most sensitive tensors",
             "a single block type with 4.0 bits per weight",
@@ -1085,7 +1086,7 @@ CONCEPTS: tuple[Concept, ...] = (
         "Codes run -8..7 (q - 8 with q in 0..15): the side with 8 steps is the negative one. Dividing by -8 puts the "
         "extreme value exactly on code 0, the end with one more step, and leaves all 7 positive steps to the other "
         "side.",
-        f"{L01} §3",
+        f"{L09} §3",
         choices=(
             "so the block's extreme lands on code 0, the end of the grid with one more step",
             "to store the sign of the block",
@@ -1099,7 +1100,7 @@ CONCEPTS: tuple[Concept, ...] = (
         "out in another type. Which one, and why?",
         "K-quant super-blocks hold 256 weights and a row must hold whole blocks; {smollm2_hidden} is not a multiple of "
         "256, so llama.cpp falls back from Q4_K to {smollm2_q4k_fallback} (blocks of 32).",
-        f"{L01} §2",
+        f"{L09} §6",
         choices=(
             "{smollm2_q4k_fallback}: 256-weight super-blocks do not tile a row of {smollm2_hidden}",
             "F16: small models are not quantized",
@@ -1111,7 +1112,7 @@ CONCEPTS: tuple[Concept, ...] = (
     Concept(
         "q8_0-bits", "gguf", "Bits per weight of GGUF Q8_0 (blocks of 32 int8 codes with an fp16 scale)?",
         "(32 x 8 + 16) / 32 = {q8_0_bits:g}.",
-        f"{L00} §3", answer_fact="q8_0_bits", unit="bits", rel_tol=0.002, reference="reference_impl/gguf.py",
+        f"{L09} §5", answer_fact="q8_0_bits", unit="bits", rel_tol=0.002, reference="reference_impl/gguf.py",
     ),
     # ------------------------------------------------ kernels (lesson 10)
     Concept(

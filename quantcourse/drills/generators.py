@@ -288,7 +288,7 @@ def dequantize_gguf_question(rng: random.Random) -> Question:
                "Weights 0-15 sit in the low nibbles, 16-31 in the high ones")  # fmt: skip
     prompt = f"A GGUF {qtype} block of 32 weights holds {layout}.\nWhat is weight {j} (counting from 0)?"
     details = dict(qtype=qtype, d=float(d), m=None if m is None else float(m), codes=codes, j=j)
-    return Question("", "gguf", prompt, value, how + ".", "course/01_affine.ipynb §3", rel_tol=0.005,
+    return Question("", "gguf", prompt, value, how + ".", "course/09_gguf.ipynb §3", rel_tol=0.005,
                     abs_tol=float(d) / 100, reference="reference_impl/gguf.py", details=details)  # fmt: skip
 
 
@@ -351,7 +351,7 @@ def bits_gguf_question(rng: random.Random) -> Question:
     if qtype in gguf.K_QUANTS:
         explanation += (" The sub-block scales are themselves quantized against the fp16 super-block scale: that is "
                         "how a K-quant affords a scale per 16 or 32 weights.")  # fmt: skip
-    return Question("", "gguf", prompt, t.bits_per_weight, explanation, "course/00_welcome.ipynb §3", unit="bits",
+    return Question("", "gguf", prompt, t.bits_per_weight, explanation, "course/09_gguf.ipynb §5", unit="bits",
                     rel_tol=0.002, reference="reference_impl/gguf.py", details=dict(qtype=qtype))  # fmt: skip
 
 
