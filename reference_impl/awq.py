@@ -14,7 +14,7 @@ The rounding error of a weight is at most half a step whatever its size; after t
 s_k it shrinks by s_k, while the step of the group grows only a little (if s_k does not set the
 group's maximum). Salient channels get a finer effective grid at almost no cost to the others.
 The division diag(s)^-1 x costs nothing at run time: it is folded into the op that produces x,
-the RMSNorm's weight or the previous Linear's output rows.
+the RMSNorm's weight or the previous Linear's output rows (`folded_weights`, `fold_scales`).
 
 How s is found (mit-han-lab/llm-awq, auto_scale.py). No gradients, a grid search per group:
 
@@ -22,7 +22,10 @@ How s is found (mit-han-lab/llm-awq, auto_scale.py). No gradients, a grid search
     s(r) = x_mean^r, clamped to >= 1e-4, divided by sqrt(max s * min s)   (candidate_scales)
     for r in 0, 1/20, ..., 19/20: W_i <- Q(W_i diag(s)) diag(s)^-1 for the group's linears,
         loss(r) = mean squared difference of the block's output from the unquantized output
-    keep the s of the lowest loss                                  (search_scales)
+    keep the s of the lowest loss                                  (search_group_scales)
+
+`search_group_scales` works on tensors and takes the loss as a function of the candidate
+weights; `search_scales` gives it the block's output error.
 
 r = 0 is plain RTN (s = 1), so the search never does worse than RTN on its own objective. The
 normalisation puts the geometric middle of the scales at 1 (max s * min s = 1); only the ratios
@@ -48,7 +51,8 @@ Clipping (auto_clip.py): after scaling, each group of each output row may clamp 
 [-m, m], m = max|w| * (1 - i/20) for i = 0..9, keeping the m whose output error (that group's
 share of the layer output, on 512 sampled tokens) is lowest (`clip_search`). i = 0 is no
 clipping. q_proj and k_proj are not clipped: their outputs meet in q.k^T, where an error in one
-is multiplied by the other, so a per-layer output error does not measure what clipping costs.
+is multiplied by the other, so a per-layer output error does not measure what clipping costs
+(`search_layer_clips` skips them).
 
 The model driver (`awq_model`) walks the decoder layer by layer (surgery.run_layer_by_layer).
 Faithful to llm-awq, every layer is calibrated on the activations of the *floating-point*
@@ -73,7 +77,7 @@ checkpoint layout, and `gptq.load_gptq` runs 4-bit ones through the W4A16 kernel
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -190,7 +194,7 @@ def scaled_fake_quant(W: torch.Tensor, s: torch.Tensor, spec: AffineSpec) -> tor
 
 @dataclass(frozen=True)
 class ScaleSearch:
-    """The result of `search_scales`.
+    """The result of `search_group_scales` (and `search_scales`).
 
     scales: [K] float32, the best s (the one to fold). ratio: its r. ratios, losses: every grid
     point and the mean squared output error it gave (the curve the lecture plots).
@@ -200,6 +204,75 @@ class ScaleSearch:
     ratio: float
     ratios: list[float]
     losses: list[float]
+
+
+def check_group(weights: list[torch.Tensor], x: torch.Tensor, spec: AffineSpec, grid: int) -> None:
+    """What `search_group_scales` needs: float weights [N_i, K] reading x [..., K], whole groups, a grid of at least 1."""
+    check_tensor(x, "x")
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"grid is the number of ratios r = 0, 1/grid, ...; llm-awq uses 20. Got {grid!r}")
+    if not weights:
+        raise ValueError("a scale group needs at least one linear layer to scale")
+    for i, W in enumerate(weights):
+        check_tensor(W, f"weight {i}")
+        if W.dim() != 2 or W.shape[1] != x.shape[-1]:
+            raise ValueError(
+                f"weight {i} has shape {tuple(W.shape)} but x has {x.shape[-1]} channels: a group's weights are "
+                "[N_i, K], K the channels of their common input x"
+            )
+        check_spec(spec, W.shape[1])
+        group_size_of(spec, W.shape[1])
+
+
+def linear_output_error(weights: list[torch.Tensor], x: torch.Tensor) -> Callable[[list[torch.Tensor]], float]:
+    """The default loss of `search_group_scales`: the mean squared difference of the linears'
+    outputs x W_i^T (concatenated) computed with candidate weights from those with the originals.
+
+    weights: [N_i, K]; x: [..., K]. Returns loss(candidates: list of [N_i, K]) -> float.
+    """
+    reference = torch.cat([x @ W.T for W in weights], dim=-1)
+
+    def loss(candidates: list[torch.Tensor]) -> float:
+        out = torch.cat([x @ W.T for W in candidates], dim=-1)
+        return (out - reference).float().pow(2).mean().item()
+
+    return loss
+
+
+@torch.no_grad()
+def search_group_scales(
+    weights: list[torch.Tensor],
+    x: torch.Tensor,
+    spec: AffineSpec = AWQ_SPEC,
+    loss: Callable[[list[torch.Tensor]], float] | None = None,
+    duo_scaling: bool = False,
+    grid: int = GRID_POINTS,
+) -> ScaleSearch:
+    """AWQ's grid search for one group: the linears `weights` [N_i, K] that read the same x [..., K].
+
+    For each r in 0, 1/grid, ..., (grid-1)/grid: s = candidate_scales(x_mean, r), every linear
+    computes with Q(W_i diag(s)) diag(s)^-1, and loss(those weights) measures the damage; the s
+    of the lowest loss is kept (ties keep the smaller r, as llm-awq does). loss: None compares
+    the linears' own outputs (`linear_output_error`: the block's output when the group is one
+    linear, o_proj or down_proj); `search_scales` passes the error of the whole block's output.
+    Nothing is modified.
+    """
+    check_group(weights, x, spec, grid)
+    loss = linear_output_error(weights, x) if loss is None else loss
+    x_mean = activation_mean(x)
+    w_mean = weight_mean(weights, spec) if duo_scaling else None
+    ratios = [i / grid for i in range(grid)]
+    losses = []
+    best, best_loss = None, math.inf
+    for ratio in ratios:
+        s = candidate_scales(x_mean, ratio, w_mean)
+        value = loss([scaled_fake_quant(W, s, spec) for W in weights])
+        losses.append(value)
+        if value < best_loss:  # strictly lower: ties keep the smaller r
+            best, best_loss = (s, ratio), value
+    if best is None:
+        raise ValueError(f"every grid point gave a NaN loss ({losses[:3]}...): check the group's inputs and weights")
+    return ScaleSearch(best[0], best[1], ratios, losses)
 
 
 def block_forward(block: nn.Module, x: torch.Tensor, kwargs: dict | None = None, weights: dict | None = None) -> torch.Tensor:
@@ -225,8 +298,6 @@ def weight_key(name: str) -> str:
 def check_search_inputs(block: nn.Module, names: tuple[str, ...], x: torch.Tensor, spec: AffineSpec, grid: int) -> list[nn.Linear]:
     """The linears `names` of `block`, after checking that the search can run on them."""
     check_tensor(x, "x")
-    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
-        raise ValueError(f"grid is the number of ratios r = 0, 1/grid, ...; llm-awq uses 20. Got {grid!r}")
     if not names:
         raise ValueError("a scale group needs at least one linear layer to scale")
     linears = []
@@ -239,9 +310,8 @@ def check_search_inputs(block: nn.Module, names: tuple[str, ...], x: torch.Tenso
                 f"{name or 'the block'} reads {module.in_features} input channels but x has {x.shape[-1]}: "
                 "pass the input of the group's linears (the output of the op the scales fold into)"
             )
-        check_spec(spec, module.in_features)
-        group_size_of(spec, module.in_features)
         linears.append(module)
+    check_group([m.weight for m in linears], x, spec, grid)
     return linears
 
 
@@ -255,31 +325,23 @@ def search_scales(
     duo_scaling: bool = False,
     grid: int = GRID_POINTS,
 ) -> ScaleSearch:
-    """AWQ's grid search for the scales of one group of linears that read the same input.
+    """`search_group_scales` for linears inside a block, judged by the block's output.
 
     block: the module whose output is compared (self_attn, mlp, or the linear itself); names:
     the group's linears inside it ("q_proj", ...; "" for the block itself); x: [n, L, K] their
-    common input (what the block receives). For each r in 0, 1/grid, ..., (grid-1)/grid, the
-    linears compute with Q(W diag(s)) diag(s)^-1 and the loss is the mean squared difference of
-    the block's output from its unquantized output. The block is not modified.
+    common input (what the block receives). The loss of a candidate is the mean squared
+    difference of the block's output, computed with the candidate weights, from its unquantized
+    output. The block is not modified.
     """
     linears = check_search_inputs(block, names, x, spec, grid)
-    x_mean = activation_mean(x)
-    w_mean = weight_mean([m.weight for m in linears], spec) if duo_scaling else None
     reference = block_forward(block, x, kwargs)
-    ratios = [i / grid for i in range(grid)]
-    losses = []
-    best, best_loss = None, math.inf
-    for ratio in ratios:
-        s = candidate_scales(x_mean, ratio, w_mean)
-        weights = {weight_key(n): scaled_fake_quant(m.weight, s, spec) for n, m in zip(names, linears)}
-        loss = (block_forward(block, x, kwargs, weights) - reference).float().pow(2).mean().item()
-        losses.append(loss)
-        if loss < best_loss:  # strictly lower: ties keep the smaller r, as llm-awq does
-            best, best_loss = (s, ratio), loss
-    if best is None:
-        raise ValueError(f"every grid point gave a NaN loss ({losses[:3]}...): check the block's inputs and weights")
-    return ScaleSearch(best[0], best[1], ratios, losses)
+    keys = [weight_key(n) for n in names]
+
+    def block_error(candidates: list[torch.Tensor]) -> float:
+        out = block_forward(block, x, kwargs, dict(zip(keys, candidates)))
+        return (out - reference).float().pow(2).mean().item()
+
+    return search_group_scales([m.weight for m in linears], x, spec, block_error, duo_scaling, grid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,9 +381,33 @@ def fold_problem(prev: nn.Module, linears: list[nn.Linear]) -> str | None:
     return reason
 
 
+def folded_weights(
+    prev_weight: torch.Tensor, prev_bias: torch.Tensor | None, weights: list[torch.Tensor], s: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+    """The weights after folding: output channel k of the previous op divided by s_k, input
+    column k of every linear of the group multiplied by s_k. New tensors; nothing is modified.
+
+    prev_weight: a norm's weight [K] or a Linear's weight [K, M] (its output rows); prev_bias:
+    [K] or None; weights: the group's [N_i, K]; s: [K] positive. Returns (prev_weight / s along
+    dim 0, prev_bias / s or None, [W_i diag(s)]), each in its input's dtype. The layer computes
+    the same function afterwards: the linears read x / s, and (W diag(s)) (x / s) = W x.
+    """
+    if prev_weight.dim() not in (1, 2):
+        raise ValueError(f"prev_weight must be a norm's weight [K] or a Linear's [K, M], got shape {tuple(prev_weight.shape)}")
+    K = prev_weight.shape[0]
+    if s.dim() != 1 or s.numel() != K or not torch.isfinite(s).all() or (s <= 0).any():
+        raise ValueError(f"s must hold {K} finite positive scales (one per output channel of the previous op), got shape {tuple(s.shape)}")
+    for i, W in enumerate(weights):
+        if W.dim() != 2 or W.shape[1] != K:
+            raise ValueError(f"weight {i} has shape {tuple(W.shape)}: the linears must read the previous op's {K} output channels")
+    divisor = s.to(prev_weight.dtype).reshape(K, *[1] * (prev_weight.dim() - 1))
+    bias = None if prev_bias is None else prev_bias / s.to(prev_bias.dtype)
+    return prev_weight / divisor, bias, [W * s.to(W.dtype)[None, :] for W in weights]
+
+
 @torch.no_grad()
 def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
-    """Scale the linears' input columns by s and divide the previous op's outputs by s, in place.
+    """`folded_weights` applied to the modules, in place.
 
     prev: an RMSNorm/LayerNorm (weight [K], and bias if any, divided by s) or an nn.Linear
     (output rows W[k, :] and bias[k] divided by s_k). linears: each weight [N, K] becomes
@@ -330,16 +416,13 @@ def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> N
     problem = fold_problem(prev, linears)
     if problem is not None:
         raise ValueError(f"cannot fold scales into {type(prev).__name__}: {problem}")
-    if s.dim() != 1 or s.numel() != linears[0].in_features or not torch.isfinite(s).all() or (s <= 0).any():
-        raise ValueError(f"s must hold {linears[0].in_features} finite positive scales, got shape {tuple(s.shape)}")
-    if isinstance(prev, nn.Linear):
-        prev.weight.div_(s.to(prev.weight.dtype)[:, None])
-    else:
-        prev.weight.div_(s.to(prev.weight.dtype))
-    if getattr(prev, "bias", None) is not None:
-        prev.bias.div_(s.to(prev.bias.dtype))
-    for linear in linears:
-        linear.weight.mul_(s.to(linear.weight.dtype)[None, :])
+    bias = getattr(prev, "bias", None)
+    prev_weight, prev_bias, weights = folded_weights(prev.weight, bias, [m.weight for m in linears], s)
+    prev.weight.copy_(prev_weight)
+    if bias is not None:
+        bias.copy_(prev_bias)
+    for linear, W in zip(linears, weights):
+        linear.weight.copy_(W)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,6 +468,18 @@ class ClipSearch:
     step: torch.Tensor
 
 
+def check_clip_inputs(W: torch.Tensor, x: torch.Tensor, spec: AffineSpec, steps: int) -> None:
+    """What `clip_search` needs: float W [N, K] and x [..., K], whole groups, 1 to 20 steps."""
+    check_tensor(W, "W")
+    check_tensor(x, "x")
+    if W.dim() != 2 or x.shape[-1] != W.shape[1]:
+        raise ValueError(f"W must be [N, K] and x [..., K]; got W {tuple(W.shape)}, x {tuple(x.shape)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= CLIP_GRID:
+        raise ValueError(f"steps must be an integer from 1 to {CLIP_GRID} (llm-awq uses {CLIP_STEPS}), got {steps!r}")
+    check_spec(spec, W.shape[1])
+    group_size_of(spec, W.shape[1])
+
+
 @torch.no_grad()
 def clip_search(
     W: torch.Tensor,
@@ -400,13 +495,7 @@ def clip_search(
     W: [N, K] float, the (scaled) weight; x: [..., K] its (scaled) inputs, of which `tokens` are
     sampled. Rows are processed `batch` at a time, which bounds the memory of the search.
     """
-    check_tensor(W, "W")
-    check_tensor(x, "x")
-    if W.dim() != 2 or x.shape[-1] != W.shape[1]:
-        raise ValueError(f"W must be [N, K] and x [..., K]; got W {tuple(W.shape)}, x {tuple(x.shape)}")
-    if not isinstance(steps, int) or not 1 <= steps <= CLIP_GRID:
-        raise ValueError(f"steps must be an integer from 1 to {CLIP_GRID} (llm-awq uses {CLIP_STEPS}), got {steps!r}")
-    check_spec(spec, W.shape[1])
+    check_clip_inputs(W, x, spec, steps)
     N, K = W.shape
     size = group_size_of(spec, K)
     x = sample_tokens(x, tokens)
@@ -423,6 +512,22 @@ def clip_search(
             best_val[rows][better] = max_val[better]
             best_step[rows][better] = i
     return ClipSearch(best_val, best_step)
+
+
+def clip_skipped(name: str) -> bool:
+    """q and k projections are never clipped (module doc)."""
+    return name.rpartition(".")[2] in CLIP_SKIP
+
+
+def search_layer_clips(
+    weights: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor], spec: AffineSpec = AWQ_SPEC
+) -> dict[str, ClipSearch | None]:
+    """The clipping search of each linear of a decoder layer, by name ("self_attn.v_proj", ...).
+
+    weights: name -> [N, K] (scaled); inputs: name -> [..., K], the input it reads (scaled).
+    Returns name -> `clip_search`'s result, or None for q_proj and k_proj, which are never clipped.
+    """
+    return {name: None if clip_skipped(name) else clip_search(W, inputs[name], spec) for name, W in weights.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,11 +641,6 @@ def record_layer_inputs(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, na
     return {name: torch.cat(xs) for name, xs in recorded.items()}
 
 
-def clip_skipped(name: str) -> bool:
-    """q and k projections are never clipped (module doc)."""
-    return name.rpartition(".")[2] in CLIP_SKIP
-
-
 @torch.no_grad()
 def awq_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, options: AWQOptions) -> tuple[dict, dict[str, torch.Tensor | None]]:
     """Search and fold the scales of one decoder layer, in place, and search its clipping.
@@ -578,14 +678,14 @@ def awq_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, options: AWQ
     for group, search in zip(groups, searches):
         fold_scales(layer.get_submodule(group.prev), [layer.get_submodule(n) for n in group.linears], search.scales)
         inputs[group.linears[0]] /= search.scales  # the linears now receive x / s
-    clips: dict[str, torch.Tensor | None] = {}
-    for name in sources:
-        if not options.clip or clip_skipped(name):
-            clips[name] = None
-            continue
-        result = clip_search(layer.get_submodule(name).weight, inputs[sources[name]], options.spec)
-        clips[name] = result.max_val
-        report["clip_steps"][name] = result.step.float().mean().item()
+    clips: dict[str, torch.Tensor | None] = dict.fromkeys(sources)
+    if options.clip:
+        weights = {name: layer.get_submodule(name).weight for name in sources}
+        found = search_layer_clips(weights, {name: inputs[sources[name]] for name in sources}, options.spec)
+        for name, result in found.items():
+            if result is not None:
+                clips[name] = result.max_val
+                report["clip_steps"][name] = result.step.float().mean().item()
     return report, clips
 
 
