@@ -25,8 +25,9 @@ lab: setup
 
 # Idle OpenMP threads sleep instead of spinning: with a test worker per core, torch's spinning
 # threads took the cores from each other (tests/test_qlora.py: 144 s spinning, 23 s passive).
+# --durations: CI's log lists the slowest tests, to keep the run under its time budget.
 test: setup
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -n $(WORKERS)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -n $(WORKERS) --durations=30
 
 test-quick: setup
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -n $(WORKERS) -m "not slow"

@@ -16,8 +16,9 @@ activation (mean |x| on the calibration windows), at random, or by weight magnit
 the column), on int3 g64 and on int4 per channel.
 
 Usage:  python benchmarks/awq.py     (writes benchmarks/results/awq.{json,md})
-With QUANTCOURSE_FAST=1 it uses fewer evaluation and calibration windows and writes awq.fast.*
-instead, never the published files.
+With QUANTCOURSE_FAST=1 it uses fewer evaluation and calibration windows, and of the main table
+only the int3 g64 rows of RTN, GPTQ and plain AWQ; it writes awq.fast.* instead, never the
+published files.
 """
 
 import copy
@@ -53,6 +54,7 @@ ROWS = [  # (method, grid, extra options)
     ("awq", INT3_G64, {"duo_scaling": True}),
     ("awq_gptq", INT3_G64, {}),
 ]
+FAST_ROWS = [row for row in ROWS if row[1] is INT3_G64 and row[0] != "awq_gptq" and not row[2].get("duo_scaling")]
 ABLATION_GRIDS = [INT3_G64, RecipeOptions(bits=4, symmetric=False)]  # the second: per output channel
 SETTINGS = ("bits", "group_size", "symmetric", "granularity", "zero_point")
 PAPER = {  # AWQ paper, Llama-2-7B, groups of 128, WikiText-2 perplexity (ANCHORS section 4)
@@ -104,7 +106,7 @@ def main_rows() -> list[dict]:
     """The rows of the main table, in ROWS order, with gap_closed against their grid's RTN row."""
     published = published_gptq_rows()
     rows, rtn = [], None
-    for method, grid, extra in ROWS:
+    for method, grid, extra in FAST_ROWS if fast_mode() else ROWS:
         options = RecipeOptions(**{k: getattr(grid, k) for k in ("bits", "group_size", "symmetric")}, **extra)
         if method == "rtn":
             rtn = run(method, options)

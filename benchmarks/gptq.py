@@ -8,8 +8,9 @@ of 512 tokens from the calibration split. Each row records the time to quantize 
 perplexity increase that GPTQ removes, (ppl_RTN - ppl_GPTQ) / (ppl_RTN - ppl_reference).
 
 Usage:  python benchmarks/gptq.py     (writes benchmarks/results/gptq.{json,md})
-With QUANTCOURSE_FAST=1 it uses fewer evaluation and calibration windows and writes gptq.fast.*
-instead, never the published files.
+        python benchmarks/gptq.py --resume LOG   (reuses the rows an interrupted run printed to LOG)
+With QUANTCOURSE_FAST=1 it uses fewer evaluation and calibration windows and the int3 g64 grid
+only, and writes gptq.fast.* instead, never the published files.
 """
 
 import json
@@ -30,11 +31,21 @@ GRIDS = [
     RecipeOptions(bits=3, group_size=64, symmetric=False),
     RecipeOptions(bits=4, symmetric=False),  # per output channel
 ]
+FAST_GRIDS = GRIDS[1:2]  # int3 g64
 SETTINGS = ("bits", "group_size", "symmetric", "granularity", "zero_point")
 
 
-def run(method: str, options: RecipeOptions) -> dict:
-    """One evaluated row, with the 1-minute load average before and after it."""
+def run(method: str, options: RecipeOptions, done: list[dict] = ()) -> dict:
+    """One evaluated row, with the 1-minute load average before and after it.
+
+    A row of `done` (printed by an earlier, interrupted run in the same mode) with the same method
+    and settings is returned instead of evaluating again.
+    """
+    wanted = (method, options.bits, options.group_size, options.symmetric, options.act_order, fast_mode())
+    for row in done:
+        if (row["method"], row["bits"], row["group_size"], row["symmetric"], row.get("act_order", False), row["fast_mode"]) == wanted:
+            print(json.dumps(row), flush=True)
+            return row
     load_before = os.getloadavg()[0]
     row = evaluate_recipe(method, options, progress=sys.stderr.isatty())
     row["load_before"], row["load_after"] = round(load_before, 2), round(os.getloadavg()[0], 2)
@@ -121,17 +132,28 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def printed_rows(argv: list[str]) -> list[dict]:
+    """The JSON rows of `--resume LOG` (an earlier run's standard output), else none."""
+    if not argv:
+        return []
+    if len(argv) != 2 or argv[0] != "--resume":
+        sys.exit("usage: python benchmarks/gptq.py [--resume LOG]  (LOG: the output of an interrupted run)")
+    lines = Path(argv[1]).read_text().splitlines()
+    return [json.loads(line) for line in lines if line.startswith('{"method"')]
+
+
 def main() -> None:
     baselines = baseline_rows()
+    done = printed_rows(sys.argv[1:])
     rows = []
-    for grid in GRIDS:
-        rtn = run("rtn", grid)
+    for grid in FAST_GRIDS if fast_mode() else GRIDS:
+        rtn = run("rtn", grid, done)
         match = next((b for b in baselines if same_settings(b, rtn)), None)
         if match is not None:
             rtn["baseline_ppl"] = match["ppl"]
         rows.append(rtn)
         for act_order in (False, True):
-            row = run("gptq", RecipeOptions(**{k: getattr(grid, k) for k in ("bits", "group_size", "symmetric")}, act_order=act_order))
+            row = run("gptq", RecipeOptions(**{k: getattr(grid, k) for k in ("bits", "group_size", "symmetric")}, act_order=act_order), done)
             row["gap_closed"] = gap_closed(row, rtn)
             rows.append(row)
     gptq = next(r for r in rows if r["method"] == "gptq")

@@ -15,8 +15,8 @@ Targets (issue 11): int8 and fp8 E4M3 within 0.5% of the fp32 cache's perplexity
 perplexity). The script prints whether each is met and records it.
 
 Usage:  python benchmarks/kvcache.py     (writes benchmarks/results/kvcache.{json,md})
-With QUANTCOURSE_FAST=1 it uses one evaluation window, one short prompt and one calibration window,
-and writes kvcache.fast.* instead, never the published files.
+With QUANTCOURSE_FAST=1 it uses one evaluation window of 1024 tokens, one short prompt and one
+calibration window, and writes kvcache.fast.* instead, never the published files.
 """
 
 import os
@@ -52,10 +52,10 @@ LABELS = {
     "naive4": "naive int4, keys per token (G32)",
     "naive2": "naive int2, keys per token (G32)",
 }
-CONTEXT, CHUNK = 2048, 32
-SETTINGS = {  # (evaluation windows, calibration windows of 512, prompts, prompt tokens, new tokens)
-    False: {"windows": 8, "calibration": 4, "prompts": 4, "prompt_tokens": 1024, "new_tokens": 32},
-    True: {"windows": 1, "calibration": 1, "prompts": 1, "prompt_tokens": 256, "new_tokens": 16},
+CHUNK = 32
+SETTINGS = {  # evaluation windows of `context` tokens, calibration windows of 512, prompts, prompt tokens, new tokens
+    False: {"windows": 8, "context": 2048, "calibration": 4, "prompts": 4, "prompt_tokens": 1024, "new_tokens": 32},
+    True: {"windows": 1, "context": 1024, "calibration": 1, "prompts": 1, "prompt_tokens": 256, "new_tokens": 16},
 }
 MEMORY_CONTEXTS = (4096, 32768, 131072)
 MEMORY_SCHEMES = ("fp16", "fp8_e4m3", "int8", "kivi4", "kivi2")
@@ -122,12 +122,12 @@ def markdown(rows: list[dict], checks: list[dict], memory: list[dict], meta: dic
     ref = rows[0]
     s = meta["settings"]
     lines = [
-        "# KV-cache quantization on SmolLM2-135M at 2048 tokens of context",
+        f"# KV-cache quantization on SmolLM2-135M at {s['context']} tokens of context",
         "",
         (
-            f"{s['windows']} held-out window(s) of {CONTEXT} tokens ({ref['tokens']} scored positions), fed through "
+            f"{s['windows']} held-out window(s) of {s['context']} tokens ({ref['tokens']} scored positions), fed through "
             f"the quantized cache in chunks of {CHUNK} tokens; the fp32 cache (perplexity {ref['ppl']:.3f}) is the "
-            "reference for KLD and top-1. \"2nd half\": positions 1024-2046 of each window. Bytes per token are "
+            f"reference for KLD and top-1. \"2nd half\": positions {s['context'] // 2}-{s['context'] - 2} of each window. Bytes per token are "
             "measured from the cache's tensors (codes, scales, and KIVI's residual window, kept in the model's fp32); "
             + ("they equal the calculator's figure in every row. " if meta["bytes_match_calculator"]
                else "they DIFFER from the calculator's figure in some row (see the JSON). ")
@@ -154,7 +154,7 @@ def markdown(rows: list[dict], checks: list[dict], memory: list[dict], meta: dic
     lines += [
         "",
         (
-            "At 2048 tokens KIVI's window of 128 fp32 tokens is 6% of the context but a large share of the bytes: "
+            f"At {s['context']} tokens KIVI's window of 128 fp32 tokens is {128 / s['context']:.0%} of the context but a large share of the bytes: "
             "the calculator's figure for an fp16 model (window in 2 bytes) is "
             + ", ".join(f"{r['label'].split(' (')[0]} {r['bytes_per_token_fp16_model']:.0f}" for r in rows if r["scheme"].startswith("kivi"))
             + " bytes per token."
@@ -185,7 +185,8 @@ def main() -> None:
     started = time.perf_counter()
     settings = SETTINGS[fast_mode()]
     model, tokenizer = load_reference_model()
-    windows = token_windows(tokenizer, "heldout", CONTEXT, settings["windows"])
+    context = settings["context"]
+    windows = token_windows(tokenizer, "heldout", context, settings["windows"])
     calibration = token_windows(tokenizer, "calibration", 512, settings["calibration"])
     amax = kv.calibrate_kv_amax(model, calibration)
     fp8_scales = {name: kv.fp8_scale(amax, kv.SCHEMES[name].dtype) for name in SCHEMES if kv.SCHEMES[name].kind == "fp8"}
@@ -196,8 +197,8 @@ def main() -> None:
     rows = []
     for name in SCHEMES:
         row = {"scheme": name, "label": LABELS[name], "bits": kv.SCHEMES[name].bits, **scores[name]}
-        row["bytes_per_token_calculator"] = kv.bytes_per_token(config, name, CONTEXT, float_bytes=4)
-        row["bytes_per_token_fp16_model"] = kv.bytes_per_token(config, name, CONTEXT, float_bytes=2)
+        row["bytes_per_token_calculator"] = kv.bytes_per_token(config, name, context, float_bytes=4)
+        row["bytes_per_token_fp16_model"] = kv.bytes_per_token(config, name, context, float_bytes=2)
         row["generation"] = generated[name]
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -209,7 +210,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
         "fast_mode": fast_mode(),
-        "settings": {**settings, "context": CONTEXT, "chunk_size": CHUNK},
+        "settings": {**settings, "chunk_size": CHUNK},
         "fp8_scales": {name: s.tolist() for name, s in fp8_scales.items()},
         "bytes_match_calculator": all(r["bytes_per_token"] == r["bytes_per_token_calculator"] for r in rows),
         "seconds": time.perf_counter() - started,

@@ -11,6 +11,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Longest first: the results scripts, then the other slow tests, then the rest. pytest-xdist
+    hands tests to the workers in this order, so no long test starts near the end of the run while
+    the other core sits idle."""
+    def rank(item) -> tuple[bool, bool, bool]:
+        name = item.path.name
+        script = name.startswith("test_benchmarks")
+        return item.get_closest_marker("slow") is None, not script, name == "test_benchmarks.py"  # its tests are shorter
+
+    items.sort(key=rank)
+
+
 @pytest.fixture(scope="session")
 def reference():
     """(model, tokenizer): the fp32 SmolLM2 reference. Never modify it; use `fresh_model`."""

@@ -9,6 +9,8 @@ import pytest
 
 from conftest import REPO
 
+from quantcourse.recipes import FAST_CALIBRATION_WINDOWS
+
 RESULTS = REPO / "benchmarks" / "results"
 
 
@@ -74,29 +76,6 @@ def test_qlora_script_in_fast_mode_writes_only_fast_files():
 
 
 @pytest.mark.slow
-def test_gptq_script_in_fast_mode_writes_only_fast_files():
-    published = RESULTS / "gptq.json"
-    before = published.read_bytes() if published.exists() else None
-    env = {**os.environ, "QUANTCOURSE_FAST": "1"}
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gptq.py")], capture_output=True, text=True, env=env, timeout=3600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    fast = json.loads((RESULTS / "gptq.fast.json").read_text())
-    assert fast["meta"]["fast_mode"] is True and fast["meta"]["calibration_windows"] == 8
-    rows = fast["rows"]
-    assert [r["method"] for r in rows] == ["rtn", "gptq", "gptq"] * 3
-    for rtn, plain, ordered in zip(rows[::3], rows[1::3], rows[2::3]):
-        assert (plain["act_order"], ordered["act_order"]) == (False, True)
-        for gptq in (plain, ordered):
-            assert all(gptq[k] == rtn[k] for k in ("bits", "group_size", "symmetric", "granularity"))
-            assert gptq["gap_closed"] == pytest.approx((rtn["ppl"] - gptq["ppl"]) / (rtn["ppl"] - rtn["ref_ppl"]))
-            assert gptq["kld"] < rtn["kld"] and gptq["quantize_seconds"] > 0
-    # even with 8 calibration windows, act-order GPTQ closes half of RTN's gap at 3 bits g64 and 4 bits per channel
-    assert rows[5]["gap_closed"] > 0.5 and rows[8]["gap_closed"] > 0.5
-    assert "| gptq | int3 g64 asym act-order |" in (RESULTS / "gptq.fast.md").read_text()
-    assert (published.read_bytes() if published.exists() else None) == before
-
-
-@pytest.mark.slow
 def test_gptq_time_script_in_fast_mode_appends_a_fast_row():
     published = RESULTS / "gptq_time.json"
     before = published.read_bytes() if published.exists() else None
@@ -105,8 +84,8 @@ def test_gptq_time_script_in_fast_mode_appends_a_fast_row():
     result = subprocess.run([sys.executable, str(script), "--threads", "2"], capture_output=True, text=True, env=env, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     row = json.loads((RESULTS / "gptq_time.fast.json").read_text())["rows"][-1]
-    assert row["fast_mode"] is True and row["calibration_windows"] == 8 and row["threads"] == 2
+    assert row["fast_mode"] is True and row["calibration_windows"] == FAST_CALIBRATION_WINDOWS and row["threads"] == 2
     assert row["layers"] == 210 and row["driver"] == "sequential_llama_layer"
     assert 0 < row["gptq_quantize_seconds"] < row["seconds"]
-    assert "| cpu | 2 | sequential_llama_layer | 8 | 210 |" in (RESULTS / "gptq_time.fast.md").read_text()
+    assert f"| cpu | 2 | sequential_llama_layer | {FAST_CALIBRATION_WINDOWS} | 210 |" in (RESULTS / "gptq_time.fast.md").read_text()
     assert (published.read_bytes() if published.exists() else None) == before

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import REPO
 
+from quantcourse.recipes import FAST_CALIBRATION_WINDOWS
+
 RESULTS = REPO / "benchmarks" / "results"
 
 
@@ -22,7 +24,7 @@ def test_smoothquant_script_in_fast_mode_writes_only_fast_files():
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]
     fast = json.loads((RESULTS / "smoothquant.fast.json").read_text())
-    assert fast["meta"]["fast_mode"] is True and fast["meta"]["calibration_windows"] == 8
+    assert fast["meta"]["fast_mode"] is True and fast["meta"]["calibration_windows"] == FAST_CALIBRATION_WINDOWS
     rows = fast["rows"]
     assert set(rows) == {"naive_static", "naive_dynamic_tensor", "naive_token", "sq_static", "sq_static_down", "sq_token", "sq_token_down", "smoothed_fp32"}
     assert rows["naive_token"]["ref_ppl"] == rows["sq_token"]["ref_ppl"] and rows["sq_token"]["eval_tokens"] == 4 * 511
