@@ -71,22 +71,31 @@ here, since 576 = 9 x 64), lesson 01's `affine.quantize_tensor`. One difference 
 pseudo_quantize_tensor: there the range of a group is its own [min, max]; here it always
 contains 0 (as in GPTQ and every grid of the course). They differ only for a group whose weights
 all have one sign, which a group of 64 real weights practically never is. The final layers are
-`gptq.GPTQLinear` (codes, fp16 scales, zero points): `gptq.save_gptq` writes them in the GPTQ
-checkpoint layout, and `gptq.load_gptq` runs 4-bit ones through the W4A16 kernel path.
+`gptq.GPTQLinear` (codes, fp16 scales, zero points), the data of a GPTQ checkpoint.
+
+Export (`save_awq`): the quantized linears are not the whole AWQ model. Folding divided the
+RMSNorm weights by s, and a checkpoint of the linears alone, loaded into the original model,
+feeds them inputs that were never divided (logits off by tens of percent on SmolLM2). A fold
+into a previous Linear (up_proj's rows for down_proj) needs nothing more: that Linear is
+quantized with its rows already divided. So `save_awq` writes the linears in the GPTQ layout
+(`gptq.save_gptq`) and the scaled norm weights beside them in the same file, as AutoAWQ's
+checkpoints carry the model's whole state; `gptq.load_gptq(folder, model)` puts both into a
+fresh reference model and runs the 4-bit layers through the W4A16 kernel path.
 """
 
 import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from quantcourse.surgery import first_layer_inputs, linear_layers, replace_linears, run_layer_by_layer, set_module
+from quantcourse.surgery import decoder_layers, first_layer_inputs, linear_layers, replace_linears, run_layer_by_layer, set_module
 
 from .affine import AffineSpec, QuantizedTensor, check_tensor, dequantize, quantize, quantize_tensor, scale_zero_point
-from .gptq import GPTQLinear, GPTQOptions, check_spec, gptq_model
+from .gptq import GPTQLinear, GPTQOptions, check_spec, gptq_model, save_gptq
 from .rtn import FakeQuantLinear
 
 GRID_POINTS = 20  # r = 0, 1/20, ..., 19/20
@@ -735,6 +744,37 @@ def awq_model(model, windows: torch.Tensor, options: AWQOptions = AWQOptions(), 
                 linear.weight.copy_(clip_weight(linear.weight, max_val, options.spec))
     report["gptq"] = gptq_model(model, windows, options.gptq, progress=progress)
     return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: the quantized linears and the norms that the folding changed
+
+
+def folded_float_tensors(model, groups: Iterable[ScaleGroup] = LLAMA_SCALE_GROUPS) -> dict[str, torch.Tensor]:
+    """The float tensors AWQ changed outside its quantized layers, by state-dict name: the
+    parameters (weight [K], and bias if any) of every scale group's previous op that is not a
+    GPTQLinear, i.e. the norms. A previous Linear is quantized, its divided rows in its codes.
+    A group whose fold was skipped contributes its unchanged norm, which is harmless."""
+    names = {module: name for name, module in model.named_modules()}
+    tensors = {}
+    for layer in decoder_layers(model):
+        for group in groups:
+            prev = layer.get_submodule(group.prev)
+            if not isinstance(prev, GPTQLinear):
+                tensors.update({f"{names[prev]}.{key}": p.detach() for key, p in prev.named_parameters()})
+    return tensors
+
+
+def save_awq(model, folder: str | Path, options: AWQOptions = AWQOptions(), calibration: dict | None = None) -> Path:
+    """Write a model quantized by `awq_model` as a GPTQ checkpoint that loads into the reference
+    model: its GPTQLinear layers plus the folded norm weights (`folded_float_tensors`), both in
+    folder/model.safetensors, and quantize_config.json. Read it with `gptq.load_gptq(folder,
+    model)`. options: the ones `awq_model` ran with (their groups name the folded norms; with
+    options.gptq, quantize_config records its settings). Returns the folder."""
+    if not isinstance(options, AWQOptions):
+        raise TypeError(f"options must be the AWQOptions the model was quantized with, got {type(options).__name__}")
+    gptq_options = options.gptq or GPTQOptions(spec=options.spec)
+    return save_gptq(model, folder, gptq_options, calibration, floats=folded_float_tensors(model, options.groups))
 
 
 # ---------------------------------------------------------------------------------------------

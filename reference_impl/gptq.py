@@ -697,11 +697,17 @@ def quantize_config(layers: dict[str, GPTQLinear], options: GPTQOptions, calibra
     }
 
 
-def save_gptq(model, folder: str | Path, options: GPTQOptions, calibration: dict | None = None) -> Path:
+def save_gptq(
+    model, folder: str | Path, options: GPTQOptions, calibration: dict | None = None,
+    floats: dict[str, torch.Tensor] | None = None,
+) -> Path:  # fmt: skip
     """Write every GPTQLinear of `model` to folder/model.safetensors and folder/quantize_config.json.
 
-    Tensor names are "<layer name>.qweight" etc. Only the quantized layers are written: the rest
-    of the model (embeddings, norms) is the reference model's. Returns the folder.
+    Tensor names are "<layer name>.qweight" etc. The rest of the model (embeddings, norms) is the
+    reference model's and is not written, except `floats`: float tensors of the model, by their
+    state-dict names, that the quantization changed outside its quantized layers (AWQ's scaled
+    norm weights, `awq.save_awq`). They go into the same file and `load_gptq` copies them back.
+    Returns the folder.
     """
     from safetensors.torch import save_file
 
@@ -711,13 +717,35 @@ def save_gptq(model, folder: str | Path, options: GPTQOptions, calibration: dict
     bad = [n for n, m in layers.items() if m.bits not in INT32_BITS]
     if bad:
         raise ValueError(f"GPTQ's int32 layout packs {INT32_BITS} bits; {bad[0]} has {layers[bad[0]].bits}")
+    floats = floats or {}
+    inside = [key for key in floats if key.rpartition(".")[0] in layers]
+    if inside:
+        raise ValueError(f"{inside[0]} belongs to a quantized layer, whose codes the checkpoint stores: pass only float modules' tensors")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"{name}.{key}": t.cpu() for name, layer in layers.items() for key, t in pack_gptq(layer).items()}
+    tensors.update({key: t.detach().cpu().contiguous() for key, t in floats.items()})
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "quant_method": "gptq"})
     config = quantize_config(layers, options, calibration)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return folder
+
+
+@torch.no_grad()
+def restore_floats(model, floats: dict[str, torch.Tensor]) -> None:
+    """Copy checkpoint tensors into the model's parameters of the same state-dict names, in place.
+    All names and shapes are checked first: on an error the model is left as it was."""
+    parameters = dict(model.named_parameters())
+    for key, t in floats.items():
+        if key not in parameters:
+            raise ValueError(f"the checkpoint holds {key}, which this model lacks: load it into the model it was quantized from")
+        if parameters[key].shape != t.shape:
+            raise ValueError(
+                f"the checkpoint's {key} has shape {tuple(t.shape)}, the model's {tuple(parameters[key].shape)}: "
+                "load it into the model it was quantized from"
+            )
+    for key, t in floats.items():
+        parameters[key].copy_(t)
 
 
 def unpack_gptq(tensors: dict[str, torch.Tensor], bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -735,6 +763,8 @@ def load_gptq(folder: str | Path, model=None, triton: bool | None = None) -> dic
     4-bit layers run through the W4A16 path: the Triton kernel (TritonW4A16Linear) when the
     tensors are on a GPU or `triton=True` (on CPU that needs TRITON_INTERPRET=1), else the torch
     reference W4A16Linear. Other widths become GPTQLinear (dequantized weight, any device).
+    Float tensors stored beside the layers (`save_gptq`'s `floats`) are copied into `model`;
+    without a model only the layers are read.
     """
     from safetensors.torch import load_file
 
@@ -758,8 +788,13 @@ def load_gptq(folder: str | Path, model=None, triton: bool | None = None) -> dic
         from quantcourse.kernels.w4a16 import TritonW4A16Linear
 
         linear_4bit = TritonW4A16Linear
+    floats = {key: t for key, t in flat.items() if "qweight" not in by_layer[key.rpartition(".")[0]]}
+    if model is not None:
+        restore_floats(model, floats)
     modules = {}
     for name, t in by_layer.items():
+        if "qweight" not in t:
+            continue
         if bits == 4:
             modules[name] = linear_4bit.from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], t.get("bias"), group, "v1")
         else:

@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the W4A16 kernel runs on CPU
 
 import pytest
+from safetensors.torch import load_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -464,20 +465,70 @@ def test_awq_beats_rtn_on_a_model_with_salient_channels():
     assert awq_error < 0.8 * rtn_error
 
 
-def test_export_load_gives_the_same_outputs_through_the_w4a16_path(tmp_path):
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_export_loads_into_a_fresh_model_through_the_w4a16_path(tmp_path):
     model = tiny_llama(kv_heads=2)
     windows = tiny_windows()
     options = AWQOptions(spec=spec(4, 32))
     awq_model(model, windows, options, progress=False)
-    save_gptq(model, tmp_path, GPTQOptions(spec=options.spec))
-    loaded = copy.deepcopy(model)
-    modules = load_gptq(tmp_path, loaded)
+    folder = awq.save_awq(model, tmp_path / "awq", options)
+    fresh = tiny_llama(kv_heads=2)  # the same seed: the float model before AWQ, its norms unscaled
+    modules = load_gptq(folder, fresh)
     assert len(modules) == 14 and all(type(m) is W4A16Linear for m in modules.values())
     with torch.no_grad():
-        assert torch.equal(loaded(windows).logits, model(windows).logits)
+        assert torch.equal(fresh(windows).logits, model(windows).logits)
     # the fp16 scales of the export are the ones the fake-quant model computes with
     layer = model.model.layers[0].mlp.down_proj
     assert layer.scales.dtype == torch.float16 and layer.codes.max() <= 15
+    # the linears alone (the folded norms left out) do not give the AWQ model back
+    save_gptq(model, tmp_path / "linears", GPTQOptions(spec=options.spec))
+    linears_only = tiny_llama(kv_heads=2)
+    load_gptq(tmp_path / "linears", linears_only)
+    with torch.no_grad():
+        assert relative_error(linears_only(windows).logits, model(windows).logits) > 1e-3
+
+
+@pytest.mark.slow
+def test_awq_checkpoint_of_smollm2_loads_into_a_fresh_reference_model(tmp_path, reference, fresh_model, tokenizer):
+    quantized = fresh_model
+    quantized.model.layers = quantized.model.layers[:1]
+    options = AWQOptions()  # SmolLM2's grid: int4, asymmetric, groups of 64
+    awq_model(quantized, token_windows(tokenizer, "calibration", 64, 1), options, progress=False)
+    folder = awq.save_awq(quantized, tmp_path / "awq", options)
+    floats = {key for key in load_file(folder / "model.safetensors") if key.endswith("norm.weight")}
+    assert floats == {"model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight"}
+    save_gptq(quantized, tmp_path / "linears", GPTQOptions(spec=options.spec))
+    fresh = copy.deepcopy(reference[0])  # untouched by AWQ: the reference norms
+    fresh.model.layers = fresh.model.layers[:1]
+    ids = token_windows(tokenizer, "heldout", 64, 1)
+    with torch.no_grad():
+        expected = quantized(ids).logits
+        load_gptq(tmp_path / "linears", fresh)
+        assert relative_error(fresh(ids).logits, expected) > 0.1  # the linears alone: the old export
+        load_gptq(folder, fresh)
+        assert relative_error(fresh(ids).logits, expected) < 1e-5
+    assert torch.equal(fresh.model.layers[0].input_layernorm.weight, quantized.model.layers[0].input_layernorm.weight)
+
+
+def test_checkpoint_floats_errors(tmp_path):
+    model = tiny_llama(kv_heads=2, layers=1)
+    awq_model(model, tiny_windows(2, 16), AWQOptions(spec=spec(4, 32)), progress=False)
+    with pytest.raises(TypeError, match="AWQOptions the model was quantized with"):
+        awq.save_awq(model, tmp_path / "bad", GPTQOptions(spec=spec(4, 32)))
+    with pytest.raises(ValueError, match="belongs to a quantized layer"):
+        save_gptq(model, tmp_path / "bad", GPTQOptions(spec=spec(4, 32)), floats={"model.layers.0.mlp.up_proj.weight": torch.ones(3)})
+    folder = awq.save_awq(model, tmp_path / "awq", AWQOptions(spec=spec(4, 32)))
+    other_norm = tiny_llama(kv_heads=2, layers=1)
+    other_norm.model.layers[0].input_layernorm = nn.Identity()
+    with pytest.raises(ValueError, match="model.layers.0.input_layernorm.weight, which this model lacks"):
+        load_gptq(folder, other_norm)
+    wider = tiny_llama(kv_heads=2, layers=1)
+    wider.model.layers[0].input_layernorm.weight = nn.Parameter(torch.ones(32))
+    with pytest.raises(ValueError, match=r"has shape \(64,\), the model's \(32,\)"):
+        load_gptq(folder, wider)
 
 
 @pytest.mark.skipif(not interpreting(), reason="the CPU run of the Triton kernel needs TRITON_INTERPRET=1")
