@@ -208,7 +208,7 @@ def facts() -> dict:
 
 L00, L01, L02, L03 = "course/00_welcome.ipynb", "course/01_affine.ipynb", "course/02_outliers.ipynb", "course/03_nf4.ipynb"
 L04, L07, L10 = "course/04_gptq.ipynb", "course/07_qlora.ipynb", "course/10_triton_kernels.ipynb"
-L09 = "course/09_gguf.ipynb"
+L06, L09 = "course/06_smoothquant.ipynb", "course/09_gguf.ipynb"
 
 CONCEPTS: tuple[Concept, ...] = (
     # ------------------------------------------------ questions the seed documents ask
@@ -931,7 +931,7 @@ CONCEPTS: tuple[Concept, ...] = (
         "It divides activation channel j by s_j = max|X_j|^alpha / max|W_j|^(1-alpha) and multiplies weight column j "
         "by s_j: exact in real arithmetic, but it moves the outliers' difficulty from the activations (hard to "
         "quantize) into the weights (easy). 1/s is folded into the preceding RMSNorm.",
-        f"{L02} §5",
+        f"{L06} §2",
         choices=(
             "migrates outlier magnitude from activations into weights with per-channel scales, folded into the norm",
             "keeps outlier channels in fp16",
@@ -944,7 +944,7 @@ CONCEPTS: tuple[Concept, ...] = (
         "smoothquant-where", "smoothquant", "Which Llama layers does SmoothQuant's recipe smooth?",
         "Those with a norm in front to absorb 1/s: q, k, v (input_layernorm) and gate, up (post_attention_layernorm). "
         "o_proj and down_proj have no such op and stay unsmoothed in the paper's recipe.",
-        f"{L02} §5",
+        f"{L06} §3",
         choices=(
             "q, k, v and gate, up: the ones behind an RMSNorm that can absorb 1/s",
             "o_proj and down_proj only",
