@@ -43,22 +43,24 @@ def nbgrader_cells(notebook, kind: str):
 
 
 @contextmanager
-def versions_sandbox(notebook_path: Path, wrong: dict, correct: dict, folder: Path, extra_cells: tuple[str, ...] = ()):
-    """One sandbox holding the source notebook's solutions plus every version, renamed.
+def versions_sandbox(notebook_path: Path, wrong: dict, correct: dict, folder: Path, extra_cells: tuple[str, ...] = (), rename=renamed):
+    """One sandbox holding the source notebook's solutions plus every version, renamed by `rename`.
 
     wrong: {function: {name: (source, expected feedback)}}; correct: {function: {name: source}}.
     """
     notebook = nbformat.read(notebook_path, as_version=4)
     for function, versions in wrong.items():
-        notebook.cells += [new_code_cell(renamed(src, function, name)) for name, (src, _) in versions.items()]
+        notebook.cells += [new_code_cell(rename(src, function, name)) for name, (src, _) in versions.items()]
     for function, versions in correct.items():
-        notebook.cells += [new_code_cell(renamed(src, function, name)) for name, src in versions.items()]
+        notebook.cells += [new_code_cell(rename(src, function, name)) for name, src in versions.items()]
     notebook.cells += [new_code_cell(source) for source in extra_cells]
     path = folder / f"{notebook_path.stem}_versions.ipynb"
     nbformat.write(notebook, path)
     with Sandbox(read_submission(path).cells) as box:
         assert not box.report.cell_errors, box.report.cell_errors
-        gc.freeze()  # each run_suite ends with gc.collect(): frozen objects are not scanned
+        # Each run_suite is a pytest session, whose end calls gc.collect(): in a process holding torch
+        # and the whole test run that costs ~0.4 s. Frozen objects are not scanned.
+        gc.freeze()
         try:
             yield box
         finally:

@@ -9,18 +9,16 @@ notebook's correct helpers, so each mutant breaks exactly one function.
 """
 
 import copy
-import gc
 import re
 from pathlib import Path
 
 import nbformat
 import pytest
-from nbformat.v4 import new_code_cell
 from nbgrader.preprocessors import ClearHiddenTests, ClearSolutions
 
+from lab_catalog import grade_version, nbgrader_cells, suite_points, versions_sandbox
+
 from quantcourse.autograder import engine
-from quantcourse.autograder.notebook import read_submission
-from quantcourse.autograder.sandbox import Sandbox
 
 LAB = "01_affine"
 NOTEBOOK = Path(__file__).resolve().parents[1] / "labs" / LAB / f"{LAB}.ipynb"
@@ -743,64 +741,15 @@ def mse_range(x, spec, grid=100, max_shrink=0.8, norm=2.4):
 }
 
 
-def renamed(source: str, function: str, version: str) -> str:
-    """The version's source with its function renamed to `function__version`."""
-    new, count = re.subn(rf"^def {function}\(", f"def {function}__{version}(", source.strip("\n"), count=1, flags=re.M)
-    assert count == 1, f"{function}/{version} does not define {function}"
-    return new
-
-
-def suite_points() -> dict[str, float]:
-    """Points per key, from the `graded` markers of the suite's tests."""
-    suite = engine.load_suite(LAB)
-    points: dict[str, float] = {}
-    for name, test in vars(suite).items():
-        for mark in getattr(test, "pytestmark", []) if name.startswith("test_") else []:
-            if mark.name == "graded":
-                points[mark.kwargs["key"]] = points.get(mark.kwargs["key"], 0) + mark.kwargs["points"]
-    return points
-
-
-def nbgrader_cells(notebook, kind: str):
-    """Test cells ("test") or manually graded answers ("manual") with their metadata."""
-    for cell in notebook.cells:
-        meta = cell.metadata.get("nbgrader", {})
-        if kind == "test" and meta.get("grade") and not meta.get("solution"):
-            yield cell, meta
-        if kind == "manual" and meta.get("grade") and meta.get("solution"):
-            yield cell, meta
-
-
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    for function, versions in WRONG.items():
-        notebook.cells += [new_code_cell(renamed(src, function, name)) for name, (src, _) in versions.items()]
-    for function, versions in CORRECT.items():
-        notebook.cells += [new_code_cell(renamed(src, function, name)) for name, src in versions.items()]
-    path = tmp_path_factory.mktemp("lab01") / f"{LAB}_versions.ipynb"
-    nbformat.write(notebook, path)
-    with Sandbox(read_submission(path).cells) as box:
-        assert not box.report.cell_errors, box.report.cell_errors
-        # Each run_suite is a pytest session, whose end calls gc.collect(): in a process holding
-        # torch and the whole test run that costs ~0.4 s. Frozen objects are not scanned.
-        gc.freeze()
-        try:
-            yield box
-        finally:
-            gc.unfreeze()
-
-
-def grade_version(sandbox, function: str, version: str | None):
-    aliases = {function: f"{function}__{version}"} if version else {}
-    results = engine.run_suite(LAB, sandbox, keys={f"01.{function}"}, aliases=aliases)
-    assert results, f"no case group graded 01.{function}"
-    return results
+    with versions_sandbox(NOTEBOOK, WRONG, CORRECT, tmp_path_factory.mktemp("lab01")) as box:
+        yield box
 
 
 @pytest.mark.parametrize("function, version", [(f, v) for f, versions in WRONG.items() for v in versions])
 def test_wrong_version_loses_points(sandbox, function, version):
-    results = grade_version(sandbox, function, version)
+    results = grade_version(LAB, sandbox, function, version)
     lost = [r for r in results if r.points < r.max_points]
     assert lost, f"{function}__{version} got full marks"
     assert all(r.status in ("failed", "error") for r in lost), [(r.name, r.status, r.feedback) for r in lost]
@@ -812,7 +761,7 @@ def test_wrong_version_loses_points(sandbox, function, version):
 
 @pytest.mark.parametrize("function, version", [(f, v) for f, versions in CORRECT.items() for v in versions] + [(f, None) for f in WRONG])
 def test_correct_version_gets_full_marks(sandbox, function, version):
-    results = grade_version(sandbox, function, version)
+    results = grade_version(LAB, sandbox, function, version)
     wrong = [(r.name, r.status, r.feedback) for r in results if r.points != r.max_points]
     assert not wrong, wrong
 
@@ -826,7 +775,7 @@ def test_catalog_covers_every_graded_function():
 
 def test_source_notebook_gets_full_marks_and_student_version_zero(tmp_path):
     report = engine.grade_notebook(NOTEBOOK)
-    assert report.max_score == sum(suite_points().values())
+    assert report.max_score == sum(suite_points(LAB).values())
     assert report.score == report.max_score, [(t.name, t.feedback) for t in report.tests if t.status not in ("passed", "manual")]
     assert not report.load.cell_errors
 
@@ -840,7 +789,7 @@ def test_source_notebook_gets_full_marks_and_student_version_zero(tmp_path):
     committed = NOTEBOOK.parent / "student" / NOTEBOOK.name
     for version in [path] + ([committed] if committed.is_file() else []):
         report = engine.grade_notebook(version)
-        assert report.max_score == sum(suite_points().values())
+        assert report.max_score == sum(suite_points(LAB).values())
         assert report.score == 0, [(t.name, t.feedback) for t in report.tests if t.points]
 
 
@@ -852,14 +801,14 @@ def test_test_cells_match_the_suite():
         assert len(keys) == 1 and "### BEGIN HIDDEN TESTS" in cell.source, cell.source
         assert meta["grade_id"] == "test_" + keys[0].removeprefix("01."), meta
         cell_points[keys[0]] = meta["points"]
-    assert cell_points == suite_points()
+    assert cell_points == suite_points(LAB)
     assert {key.removeprefix("01.") for key in cell_points} == set(engine.load_suite(LAB).GRADED)
 
 
 def test_points_and_metadata():
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     manual = sum(meta["points"] for _, meta in nbgrader_cells(notebook, "manual"))
-    assert manual > 0 and sum(suite_points().values()) + manual >= 100
+    assert manual > 0 and sum(suite_points(LAB).values()) + manual >= 100
     assert notebook.metadata["quantcourse"] == {"lab": LAB}
     assert notebook.metadata["kernelspec"]["name"] == "quantcourse"
     ids = [c.metadata["nbgrader"]["grade_id"] for c in notebook.cells if "nbgrader" in c.metadata]

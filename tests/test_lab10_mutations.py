@@ -12,19 +12,18 @@ mistake is in the helper, so each mutant breaks one thing.
 """
 
 import copy
-import gc
 import re
 from pathlib import Path
 
 import nbformat
 import pytest
 import torch
-from nbformat.v4 import new_code_cell
 from nbgrader.preprocessors import ClearHiddenTests, ClearSolutions
 
+import lab_catalog
+from lab_catalog import grade_version, nbgrader_cells, suite_points, versions_sandbox
+
 from quantcourse.autograder import engine
-from quantcourse.autograder.notebook import read_submission
-from quantcourse.autograder.sandbox import Sandbox
 
 LAB = "10_triton"
 NOTEBOOK = Path(__file__).resolve().parents[1] / "labs" / LAB / f"{LAB}.ipynb"
@@ -475,59 +474,20 @@ def w4a16_gemv(x, qweight, scales, qzeros=None, g_idx=None, group_size=128, bias
 
 
 def renamed(source: str, function: str, version: str) -> str:
-    new, count = re.subn(rf"^def {function}\(", f"def {function}__{version}(", source.strip("\n"), count=1, flags=re.M)
-    assert count == 1, f"{function}/{version} does not define {function}"
-    return new.replace("__V", f"__{function}__{version}")
-
-
-def suite_points() -> dict[str, float]:
-    suite = engine.load_suite(LAB)
-    points: dict[str, float] = {}
-    for name, test in vars(suite).items():
-        for mark in getattr(test, "pytestmark", []) if name.startswith("test_") else []:
-            if mark.name == "graded":
-                points[mark.kwargs["key"]] = points.get(mark.kwargs["key"], 0) + mark.kwargs["points"]
-    return points
-
-
-def nbgrader_cells(notebook, kind: str):
-    for cell in notebook.cells:
-        meta = cell.metadata.get("nbgrader", {})
-        if kind == "test" and meta.get("grade") and not meta.get("solution"):
-            yield cell, meta
-        if kind == "manual" and meta.get("grade") and meta.get("solution"):
-            yield cell, meta
+    """lab_catalog.renamed, and kernels named `..._kernel__V` made unique per version."""
+    return lab_catalog.renamed(source, function, version).replace("__V", f"__{function}__{version}")
 
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    for function, versions in WRONG.items():
-        notebook.cells += [new_code_cell(renamed(src, function, name)) for name, (src, _) in versions.items()]
-    for function, versions in CORRECT.items():
-        notebook.cells += [new_code_cell(renamed(src, function, name)) for name, src in versions.items()]
-    path = tmp_path_factory.mktemp("lab10") / f"{LAB}_versions.ipynb"
-    nbformat.write(notebook, path)
-    with Sandbox(read_submission(path).cells) as box:
-        assert not box.report.cell_errors, box.report.cell_errors
-        gc.freeze()  # each run_suite ends with gc.collect(): frozen objects are not scanned
-        try:
-            yield box
-        finally:
-            gc.unfreeze()
-
-
-def grade_version(sandbox, function: str, version: str | None):
-    aliases = {function: f"{function}__{version}"} if version else {}
-    results = engine.run_suite(LAB, sandbox, keys={f"10.{function}"}, aliases=aliases)
-    assert results, f"no case group graded 10.{function}"
-    return results
+    with versions_sandbox(NOTEBOOK, WRONG, CORRECT, tmp_path_factory.mktemp("lab10"), rename=renamed) as box:
+        yield box
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("function, version", [(f, v) for f, versions in WRONG.items() for v in versions])
 def test_wrong_version_loses_points(sandbox, function, version):
-    results = grade_version(sandbox, function, version)
+    results = grade_version(LAB, sandbox, function, version)
     lost = [r for r in results if r.points < r.max_points]
     assert lost, f"{function}__{version} got full marks"
     assert all(r.status in ("failed", "error") for r in lost), [(r.name, r.status, r.feedback) for r in lost]
@@ -540,7 +500,7 @@ def test_wrong_version_loses_points(sandbox, function, version):
 @pytest.mark.slow
 @pytest.mark.parametrize("function, version", [(f, v) for f, versions in CORRECT.items() for v in versions] + [(f, None) for f in WRONG])
 def test_correct_version_gets_full_marks(sandbox, function, version):
-    results = grade_version(sandbox, function, version)
+    results = grade_version(LAB, sandbox, function, version)
     wrong = [(r.name, r.status, r.feedback) for r in results if r.points != r.max_points]
     assert not wrong, wrong
 
@@ -555,7 +515,7 @@ def test_catalog_covers_every_graded_function():
 @pytest.mark.slow
 def test_source_notebook_gets_full_marks_and_student_version_zero(tmp_path):
     report = engine.grade_notebook(NOTEBOOK)
-    assert report.max_score == sum(suite_points().values())
+    assert report.max_score == sum(suite_points(LAB).values())
     assert report.score == report.max_score, [(t.name, t.feedback) for t in report.tests if t.status not in ("passed", "manual")]
     assert not report.load.cell_errors and not report.load.refusals
 
@@ -569,7 +529,7 @@ def test_source_notebook_gets_full_marks_and_student_version_zero(tmp_path):
     committed = NOTEBOOK.parent / "student" / NOTEBOOK.name
     for version in [path] + ([committed] if committed.is_file() else []):
         report = engine.grade_notebook(version)
-        assert report.max_score == sum(suite_points().values())
+        assert report.max_score == sum(suite_points(LAB).values())
         assert report.score == 0, [(t.name, t.feedback) for t in report.tests if t.points]
         assert all("NotImplementedError" in t.feedback for t in report.tests if t.status == "error"), version
 
@@ -622,14 +582,14 @@ def test_test_cells_match_the_suite():
         assert len(keys) == 1 and "### BEGIN HIDDEN TESTS" in cell.source, cell.source
         assert meta["grade_id"] == "test_" + keys[0].removeprefix("10."), meta
         cell_points[keys[0]] = meta["points"]
-    assert cell_points == suite_points()
+    assert cell_points == suite_points(LAB)
     assert {key.removeprefix("10.") for key in cell_points} == set(engine.load_suite(LAB).GRADED)
 
 
 def test_points_and_metadata():
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     manual = sum(meta["points"] for _, meta in nbgrader_cells(notebook, "manual"))
-    assert manual > 0 and sum(suite_points().values()) + manual >= 100
+    assert manual > 0 and sum(suite_points(LAB).values()) + manual >= 100
     assert notebook.metadata["quantcourse"] == {"lab": LAB}
     assert notebook.metadata["kernelspec"]["name"] == "quantcourse"
     ids = [c.metadata["nbgrader"]["grade_id"] for c in notebook.cells if "nbgrader" in c.metadata]
