@@ -31,9 +31,13 @@ in registers. int8 to fp16 does not use the GPU's int-to-float instruction, whic
 quarter of the arithmetic rate (16 per clock and SM on an H100): keeping up with the memory
 (3 TB/s over 132 SMs) takes about 13 conversions per clock and SM, nearly all of it. Instead
 the byte c + 128 goes into the mantissa of the fp16 number 1024 (whose last mantissa bit is
-worth 1), giving 1152 + c, and one subtraction, two values per instruction, leaves c. fp8
-numbers convert to fp16 two at a time (e4m3 by a conversion instruction; e5m2 is the upper
-byte of an fp16); bf16 operands take the plain conversion.
+worth 1), giving 1152 + c, and one subtraction, two values per instruction, leaves c. On the GPU
+the bytes of four codes are placed by one byte-permute (`prmt`) per pair, so four codes take
+five instructions (an XOR, two permutes, two subtractions) instead of four times five. (Leaving
+the 1152 in and taking 1152 * sum(q) from each score afterwards saves the subtractions, but the
+tensor cores' float32 sums then lose the small difference of two large numbers: 7e-3 relative
+error at 32k tokens. Not done.) fp8 numbers convert to fp16 two at a time (e4m3 by a conversion
+instruction; e5m2 is the upper byte of an fp16); bf16 operands take the plain conversion.
 
 The work division (flash-decoding):
 
@@ -45,14 +49,31 @@ The work division (flash-decoding):
 - Online softmax inside a slice: a running maximum m and sum l per row; when the maximum grows,
   what was accumulated is rescaled by exp(m_old - m_new). exp2 with log2(e) folded into the
   scale, as Triton's fused-attention tutorial does.
+- Lanes: a tile of BLOCK_T tokens is cut into LANES runs of BLOCK_T / LANES tokens, each with
+  its own online softmax: a batch of LANES small products (`tl.dot` on 3-d blocks), one per
+  warp, so the row maxima and sums of a tile stay inside a warp instead of crossing all of
+  them through shared memory. The lanes are merged once, after the loop, like the slices.
+  At 32k tokens the 128 programs are one per SM, four warps, one per scheduler, so every
+  cross-warp step stalls the SM (ncu: 0.38 instructions issued per cycle and scheduler); four
+  lanes made 128k tokens 8% faster than one (the autotuner picks per length).
+- Whole tiles, then the ragged one: only a slice's last tile can run past its end, so the loop
+  over the others loads and computes without token masks.
 - Split over T: one (sequence, head) alone is one program, 8 programs for a single sequence of
   a Llama-3-8B layer on 132 SMs. So the tokens are split into SPLITS slices, each a program, and
   their partial results (m_i, l_i, acc_i) are combined: with M = max_i m_i,
       out = sum_i exp(m_i - M) acc_i / sum_i exp(m_i - M) l_i.
   The program that finishes last does it, in a fixed order (the same scheme as
   `store_split_k` in kernels/w4a16.py): one launch, and the result does not depend on which
-  program finished first. A slice with no tokens (short T, many splits) reports m = -inf and
-  weighs nothing.
+  program finished first. Its loops are unrolled, so the loads of all slices leave at once:
+  one trip to L2 instead of one per slice. A slice with no tokens (short T, many splits)
+  reports m = -inf and weighs nothing.
+
+Where the time goes (H100, 8 KV heads of 128, one sequence; benchmarks/kernels.py). Both caches
+and fp16 SDPA take about 12 us plus their bytes at 3.0-3.1 TB/s (fitted on 4k, 32k and 128k
+tokens): past the first tile the loop streams at the memory's speed, and the fixed part (launch,
+the first loads' latency, the last program's combination) is as large as SDPA's. Half the bytes
+therefore buys (12 + 43) / (12 + 22) = 1.6x at 32k tokens, 1.8x at 128k, and 2x only as T grows
+without bound.
 
 Precision: int8 codes and fp8 values are exact in fp16 and bf16, so the only roundings are q
 in its own dtype, the softmax weights p v_scale rounded to q's 16-bit dtype for the second
@@ -83,31 +104,31 @@ FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 LOG2E = 1.4426950408889634
 MIN_DOT_ROWS = 16  # the tensor cores' smallest row count: the query group is padded to it
 
-# (BLOCK_T, SPLITS, num_warps, num_stages). One (sequence, KV head) per program row: with B = 1
-# and 8 KV heads, SPLITS 16 to 64 make 128 to 512 programs for 132 SMs; large batches fill the
-# GPU with fewer splits, down to none. Configurations with more splits than tiles of tokens are
-# pruned (they would leave slices empty).
+# (BLOCK_T, SPLITS, LANES, num_warps, num_stages). One (sequence, KV head) per program row: with
+# B = 1 and 8 KV heads, SPLITS 16 to 64 make 128 to 512 programs for 132 SMs; large batches fill
+# the GPU with fewer splits, down to none. On the GPU a lane's share of a tile, BLOCK_T / LANES,
+# is at least 16 tokens (the matrix units' smallest dimension). Configurations with more splits
+# than tiles of tokens are pruned (they would leave slices empty).
 CONFIGS = [
-    triton.Config({"BLOCK_T": t, "SPLITS": s}, num_warps=w, num_stages=st)
-    for t, s, w, st in [
-        (64, 1, 4, 3),
-        (64, 4, 4, 3),
-        (32, 16, 4, 3),
-        (32, 32, 4, 3),
-        (64, 8, 4, 3),
-        (64, 16, 4, 3),
-        (64, 32, 4, 3),
-        (64, 64, 4, 3),
-        (64, 32, 4, 2),
-        (64, 32, 8, 3),
-        (64, 64, 4, 4),
-        (128, 16, 4, 3),
-        (128, 32, 4, 3),
-        (128, 64, 8, 3),
-        (128, 128, 8, 3),
+    triton.Config({"BLOCK_T": t, "SPLITS": s, "LANES": lanes}, num_warps=w, num_stages=st)
+    for t, s, lanes, w, st in [
+        (64, 1, 1, 4, 3),
+        (64, 4, 1, 4, 3),
+        (64, 8, 1, 4, 3),
+        (64, 16, 1, 4, 3),
+        (64, 16, 4, 4, 3),
+        (64, 32, 1, 4, 3),
+        (64, 32, 4, 4, 3),
+        (128, 16, 1, 4, 3),
+        (128, 16, 4, 4, 3),
+        (128, 32, 1, 4, 3),
+        (128, 32, 4, 4, 3),
+        (128, 16, 4, 8, 3),
+        (256, 16, 4, 4, 3),
+        (256, 16, 4, 8, 3),
     ]
 ]
-CPU_CONFIG = {"BLOCK_T": 16, "SPLITS": 3}  # tests' short caches still span several tiles and splits
+CPU_CONFIG = {"BLOCK_T": 16, "SPLITS": 3, "LANES": 2}  # tests' short caches span several tiles, splits and lanes
 
 
 def _prune(configs, named_args, **kwargs):
@@ -118,45 +139,104 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _codes_to(codes, DOT_DTYPE: tl.constexpr):
-    """int8 codes or fp8 numbers -> DOT_DTYPE, exactly. int8 to fp16 by the mantissa trick of
-    the module doc: the byte c XOR 0x80 = c + 128 under the bits of fp16 1024 (0x6400) is the
-    number 1152 + c."""
+def _codes_to(codes, DOT_DTYPE: tl.constexpr, BYTE_PERMUTE: tl.constexpr):
+    """int8 codes or fp8 numbers -> DOT_DTYPE, exactly. int8 to fp16 by the mantissa trick of the
+    module doc: c XOR 0x80 = c + 128 written under the high byte 0x64 of fp16 1024 is the number
+    1152 + c. On the GPU (BYTE_PERMUTE) one `prmt` builds two such numbers from a register of four
+    codes and one `sub.f16x2` takes 1152 from both; the interpreter has no PTX and does the same
+    one code at a time."""
     if codes.dtype == tl.int8 and DOT_DTYPE == tl.float16:
+        if BYTE_PERMUTE:
+            return tl.inline_asm_elementwise(
+                """{
+                .reg .b32 u, offset;
+                xor.b32 u, $2, 0x80808080;
+                prmt.b32 $0, u, 0x64646464, 0x4140;
+                prmt.b32 $1, u, 0x64646464, 0x4342;
+                mov.b32 offset, 0x64806480;
+                sub.f16x2 $0, $0, offset;
+                sub.f16x2 $1, $1, offset;
+                }""",
+                "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4,
+            )  # fmt: skip
         bits = ((codes.to(tl.int16) ^ 0x80) & 0xFF) | 0x6400
         return bits.to(tl.float16, bitcast=True) - 1152.0
     return codes.to(DOT_DTYPE)
 
 
 @triton.jit
+def _attend_tile(q, m, l, acc, k_base, v_base, k_scales, v_scales, k_factor, t0, t_end, d, d_ok, stride_t, scale_t,
+                 PER_TOKEN: tl.constexpr, DOT_DTYPE: tl.constexpr, BYTE_PERMUTE: tl.constexpr, BLOCK_T: tl.constexpr,
+                 LANES: tl.constexpr, RAGGED: tl.constexpr):  # fmt: skip
+    """Tokens t0 .. t0 + BLOCK_T - 1 into the running (m, l, acc) of every lane; returns them.
+
+    Lane i takes the SUB = BLOCK_T / LANES tokens from t0 + i * SUB. q: [LANES, GROUP_PAD, BLOCK_D]
+    (the group's rows, repeated per lane); m, l: [LANES, GROUP_PAD]; acc: [LANES, GROUP_PAD, BLOCK_D].
+    k_factor: the scale of the scores (fp8: times the tensor's k scale). RAGGED: the tile may run
+    past t_end (the last one of a slice); the others load and compute without token masks."""
+    SUB: tl.constexpr = BLOCK_T // LANES
+    t = t0 + tl.arange(0, LANES)[:, None] * SUB + tl.arange(0, SUB)[None, :]  # [LANES, SUB]
+    t_ok = t < t_end
+    tile_offs = t[:, :, None] * stride_t + d[None, None, :]  # within one head's slice: int32 is enough
+    if RAGGED:
+        tile_mask = t_ok[:, :, None] & d_ok[None, None, :]
+    else:
+        tile_mask = d_ok[None, None, :]
+    k = _codes_to(tl.load(k_base + tile_offs, mask=tile_mask, other=0.0), DOT_DTYPE, BYTE_PERMUTE)
+    v = _codes_to(tl.load(v_base + tile_offs, mask=tile_mask, other=0.0), DOT_DTYPE, BYTE_PERMUTE)
+    scores = _dot(q, tl.trans(k, (0, 2, 1)), tl.zeros([LANES, q.shape[1], SUB], tl.float32), DOT_DTYPE)
+    if PER_TOKEN:
+        scores = scores * (tl.load(k_scales + t * scale_t, mask=t_ok, other=0.0) * k_factor)[:, None, :]
+    else:
+        scores = scores * k_factor
+    if RAGGED:
+        scores = tl.where(t_ok[:, None, :], scores, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, 2))
+    m_ref = m_new
+    if RAGGED:
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane that has seen no token yet: no NaN
+    alpha = tl.exp2(m - m_ref)
+    p = tl.exp2(scores - m_ref[:, :, None])
+    l = l * alpha + tl.sum(p, 2)
+    if PER_TOKEN:
+        p = p * tl.load(v_scales + t * scale_t, mask=t_ok, other=0.0)[:, None, :]
+    acc = _dot(p.to(DOT_DTYPE), v, acc * alpha[:, :, None], DOT_DTYPE)
+    return m_new, l, acc
+
+
+@triton.jit
 def _combine_splits(m_i, l_i, acc_i, stats_ptr, partial_ptr, count_ptr, out_ptrs, out_mask, pid_bh, pid_s,
-                    GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):  # fmt: skip
-    """Write this slice's (m, l, acc); the program that arrives last combines all SPLITS of them
-    in a fixed order and stores the output.
+                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):  # fmt: skip
+    """Write this slice's (m, l, acc) for the GROUP real rows; the program that arrives last
+    combines all SPLITS of them in a fixed order and stores the output. The combining loops are
+    unrolled, so their loads leave together: one trip to L2, not SPLITS of them.
 
     stats_ptr: float32 [BH, SPLITS, 2, GROUP_PAD] (m then l); partial_ptr: float32
     [BH, SPLITS, GROUP_PAD, BLOCK_D]; count_ptr: int32 per (sequence, KV head), 0 between launches."""
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, BLOCK_D)
+    g_ok = g < GROUP
     tile = g[:, None] * BLOCK_D + d[None, :]
     slot = pid_bh * SPLITS + pid_s
-    tl.store(stats_ptr + slot * 2 * GROUP_PAD + g, m_i)
-    tl.store(stats_ptr + slot * 2 * GROUP_PAD + GROUP_PAD + g, l_i)
-    tl.store(partial_ptr + slot * GROUP_PAD * BLOCK_D + tile, acc_i)
+    tl.store(stats_ptr + slot * 2 * GROUP_PAD + g, m_i, mask=g_ok)
+    tl.store(stats_ptr + slot * 2 * GROUP_PAD + GROUP_PAD + g, l_i, mask=g_ok)
+    tl.store(partial_ptr + slot * GROUP_PAD * BLOCK_D + tile, acc_i, mask=g_ok[:, None])
     tl.debug_barrier()  # all threads' partials are written before the count goes up
     # acq_rel: our partials are visible to whoever sees the count, and we see theirs.
     arrived = tl.atomic_add(count_ptr + pid_bh, 1, sem="acq_rel")
     if arrived == SPLITS - 1:
         first = pid_bh * SPLITS
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        for s in range(SPLITS):
-            m = tl.maximum(m, tl.load(stats_ptr + (first + s) * 2 * GROUP_PAD + g, cache_modifier=".cg"))
+        for s in tl.static_range(SPLITS):
+            m = tl.maximum(m, tl.load(stats_ptr + (first + s) * 2 * GROUP_PAD + g, mask=g_ok, other=0.0, cache_modifier=".cg"))
         l = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-        for s in range(SPLITS):  # a fixed order: the same sum whoever came last
-            weight = tl.exp2(tl.load(stats_ptr + (first + s) * 2 * GROUP_PAD + g, cache_modifier=".cg") - m)
-            l += weight * tl.load(stats_ptr + (first + s) * 2 * GROUP_PAD + GROUP_PAD + g, cache_modifier=".cg")
-            partial = tl.load(partial_ptr + (first + s) * GROUP_PAD * BLOCK_D + tile, cache_modifier=".cg")
+        for s in tl.static_range(SPLITS):  # a fixed order: the same sum whoever came last
+            stats = stats_ptr + (first + s) * 2 * GROUP_PAD + g
+            weight = tl.exp2(tl.load(stats, mask=g_ok, other=0.0, cache_modifier=".cg") - m)
+            l += weight * tl.load(stats + GROUP_PAD, mask=g_ok, other=0.0, cache_modifier=".cg")
+            partial = tl.load(partial_ptr + (first + s) * GROUP_PAD * BLOCK_D + tile, mask=g_ok[:, None], other=0.0,
+                              cache_modifier=".cg")  # fmt: skip
             acc += weight[:, None] * partial
         tl.store(count_ptr + pid_bh, 0)  # ready for the next launch
         tl.store(out_ptrs, (acc / l[:, None]).to(out_ptrs.dtype.element_ty), mask=out_mask)
@@ -173,7 +253,8 @@ def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, out_ptr, stats_ptr, partial_ptr, count_ptr,
     T, T_BUCKET, BH, H_KV, stride_b, stride_h, stride_t, scale_b, scale_h, scale_t, qk_scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PER_TOKEN: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, SPLITS: tl.constexpr,
+    PER_TOKEN: tl.constexpr, DOT_DTYPE: tl.constexpr, BYTE_PERMUTE: tl.constexpr,
+    BLOCK_T: tl.constexpr, SPLITS: tl.constexpr, LANES: tl.constexpr,
 ):  # fmt: skip
     """out [B, H_q, D] = softmax(q K^T / sqrt(D)) V over tokens 0 .. T-1. Grid: (B * H_KV, SPLITS).
 
@@ -202,35 +283,29 @@ def _decode_attention_kernel(
     if PER_TOKEN:
         k_scales = k_scale_ptr + b * scale_b + h * scale_h
         v_scales = v_scale_ptr + b * scale_b + h * scale_h
+        k_factor = qk_scale
     else:
+        k_scales, v_scales = k_scale_ptr, v_scale_ptr
         k_factor = tl.load(k_scale_ptr) * qk_scale
 
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)  # running max of each row's scores (log2 units)
-    l = tl.zeros([GROUP_PAD], tl.float32)  # running sum of exp2(score - m)
-    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)  # running sum of exp2(score - m) * V
-    for t0 in range(t_start, t_end, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        t_ok = t < t_end
-        tile_mask = t_ok[:, None] & d_ok[None, :]
-        tile_offs = t[:, None] * stride_t + d[None, :]  # within one head's slice: int32 is enough
-        k = _codes_to(tl.load(k_base + tile_offs, mask=tile_mask, other=0.0), DOT_DTYPE)
-        v = _codes_to(tl.load(v_base + tile_offs, mask=tile_mask, other=0.0), DOT_DTYPE)
-        scores = _dot(q, tl.trans(k), tl.zeros([GROUP_PAD, BLOCK_T], tl.float32), DOT_DTYPE)
-        if PER_TOKEN:
-            k_token = tl.load(k_scales + t * scale_t, mask=t_ok, other=0.0) * qk_scale
-            v_token = tl.load(v_scales + t * scale_t, mask=t_ok, other=0.0)
-            scores = scores * k_token[None, :]
-        else:
-            scores = scores * k_factor
-        scores = tl.where(t_ok[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        if PER_TOKEN:
-            p = p * v_token[None, :]
-        acc = _dot(p.to(DOT_DTYPE), v, acc * alpha[:, None], DOT_DTYPE)
-        m = m_new
+    # LANES independent online softmaxes (module doc), merged after the loop.
+    q = tl.broadcast_to(q[None, :, :], [LANES, GROUP_PAD, BLOCK_D])
+    m = tl.full([LANES, GROUP_PAD], float("-inf"), tl.float32)  # running max of each row's scores (log2 units)
+    l = tl.zeros([LANES, GROUP_PAD], tl.float32)  # running sum of exp2(score - m)
+    acc = tl.zeros([LANES, GROUP_PAD, BLOCK_D], tl.float32)  # running sum of exp2(score - m) * V
+    whole_end = t_start + tl.maximum(t_end - t_start, 0) // BLOCK_T * BLOCK_T
+    for t0 in range(t_start, whole_end, BLOCK_T):
+        m, l, acc = _attend_tile(q, m, l, acc, k_base, v_base, k_scales, v_scales, k_factor, t0, t_end, d, d_ok,
+                                 stride_t, scale_t, PER_TOKEN, DOT_DTYPE, BYTE_PERMUTE, BLOCK_T, LANES, False)  # fmt: skip
+    if whole_end < t_end:
+        m, l, acc = _attend_tile(q, m, l, acc, k_base, v_base, k_scales, v_scales, k_factor, whole_end, t_end, d, d_ok,
+                                 stride_t, scale_t, PER_TOKEN, DOT_DTYPE, BYTE_PERMUTE, BLOCK_T, LANES, True)  # fmt: skip
+    # merge the lanes: the same rescaling as across splits
+    m_all = tl.max(m, 0)
+    weight = tl.exp2(m - tl.where(m_all == float("-inf"), 0.0, m_all)[None, :])
+    l = tl.sum(weight * l, 0)
+    acc = tl.sum(weight[:, :, None] * acc, 0)
+    m = m_all
     if not PER_TOKEN:
         acc = acc * tl.load(v_scale_ptr)
 
@@ -240,7 +315,7 @@ def _decode_attention_kernel(
         tl.store(out_ptrs, (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         _combine_splits(m, l, acc, stats_ptr, partial_ptr, count_ptr, out_ptrs, out_mask, pid_bh, pid_s,
-                        GROUP_PAD, BLOCK_D, SPLITS)  # fmt: skip
+                        GROUP, GROUP_PAD, BLOCK_D, SPLITS)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,6 +419,7 @@ def decode_attention(
         _decode_attention_kernel, grid, q, k, v, k_scale, v_scale, out, stats, partial, count,
         T, triton.next_power_of_2(T), B * H_kv, H_kv, *k.stride()[:3], *scale_strides, sm_scale * LOG2E,
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=D, BLOCK_D=block_d, PER_TOKEN=per_token, DOT_DTYPE=dot_dtype,
+        BYTE_PERMUTE=not interpreting(),
         cpu_config=CPU_CONFIG,
     )  # fmt: skip
     return out

@@ -28,7 +28,7 @@ from quantcourse.reference_impl.kvcache import (
 
 # (B, H_q, H_kv, T, D). CPU: the interpreter's tiles are 16 tokens in 3 splits, so T = 37 fills
 # three slices (the last tile ragged), T = 50 two of them (the third is empty), T = 5 one partial
-# tile; D = 24 is not a power of two. GQA ratios 1, 3 (SmolLM2: 9 query heads, 3 KV heads, D = 64)
+# tile (with 4 lanes of 4 tokens, two lanes see no token); D = 24 is not a power of two. GQA ratios 1, 3 (SmolLM2: 9 query heads, 3 KV heads, D = 64)
 # and 8. GPU: Llama-3-8B-like heads at ragged lengths.
 SHAPES = {
     "cpu": [(2, 4, 4, 37, 32), (1, 9, 3, 50, 64), (2, 8, 1, 5, 16), (1, 2, 1, 23, 24)],
@@ -74,10 +74,31 @@ def make_case(B, H_q, H_kv, T, D, kind, dtype, device, seed=0, spread=1.0):
     return q, k.to(device), v.to(device), k_scale.to(device), v_scale.to(device)
 
 
+def gpu_configs(lanes=None) -> list:
+    """The kernel's GPU configurations of 128-token tiles in 16 splits with 4 warps (one per lane
+    count, or only `lanes`): both code paths, without compiling every configuration of CONFIGS
+    for every test shape."""
+    return [c for c in kv_attention.CONFIGS if (c.kwargs["BLOCK_T"], c.kwargs["SPLITS"], c.num_warps) == (128, 16, 4)
+            and lanes in (None, c.kwargs["LANES"])]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def few_gpu_configs(monkeypatch):
+    if ON_GPU:
+        monkeypatch.setattr(kv_attention._decode_attention_kernel, "configs", gpu_configs())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", CACHES, ids=["int8", "e4m3", "e5m2"])
 @pytest.mark.parametrize("dtype", FLOATS)
-def test_decode_attention_matches_the_twin(device, kind, dtype):
+@pytest.mark.parametrize("lanes", [1, 4])
+def test_decode_attention_matches_the_twin(device, kind, dtype, lanes, monkeypatch):
+    """Each tile's tokens in one online softmax, or in four lanes merged after the loop."""
+    if device == "cuda":
+        monkeypatch.setattr(kv_attention._decode_attention_kernel, "configs", gpu_configs(lanes))
+        monkeypatch.setattr(kv_attention._decode_attention_kernel, "cache", {})
+    else:
+        monkeypatch.setitem(kv_attention.CPU_CONFIG, "LANES", lanes)
     for B, H_q, H_kv, T, D in SHAPES[device]:
         q, k, v, k_scale, v_scale = make_case(B, H_q, H_kv, T, D, kind, dtype, device, spread=3.0)
         out = decode_attention(q, k, v, k_scale, v_scale)
