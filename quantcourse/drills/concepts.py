@@ -208,7 +208,8 @@ def facts() -> dict:
 
 L00, L01, L02, L03 = "course/00_welcome.ipynb", "course/01_affine.ipynb", "course/02_outliers.ipynb", "course/03_nf4.ipynb"
 L04, L07, L10 = "course/04_gptq.ipynb", "course/07_qlora.ipynb", "course/10_triton_kernels.ipynb"
-L06, L09 = "course/06_smoothquant.ipynb", "course/09_gguf.ipynb"
+L06 = "course/06_smoothquant.ipynb"
+L08, L09 = "course/08_kv_cache.ipynb", "course/09_gguf.ipynb"
 
 CONCEPTS: tuple[Concept, ...] = (
     # ------------------------------------------------ questions the seed documents ask
@@ -424,7 +425,7 @@ CONCEPTS: tuple[Concept, ...] = (
         "2 x 32 x 8 x 128 = 65,536 values per token, 2 bytes each: {llama3_kv_token:,.0f} bytes per token; x 2M tokens "
         "= {llama3_kv_2m_gb:.0f} GB. An fp8 cache halves it ({llama3_kv_2m_fp8_gb:.0f} GB); even KIVI's 2-bit cache "
         "is {llama3_kv_2m_kivi2_gb:.0f} GB.",
-        f"{L00} §3",
+        f"{L08} §1",
         answer_fact="llama3_kv_2m_gb", unit="GB", rel_tol=0.02,
         reference="reference_impl/kvcache.py",
         seed_note="A prep note puts this at about 32 GB in bf16 and 8-16 GB in fp8 or int4: {llama3_kv_2m_gb:.0f} GB and "
@@ -488,7 +489,7 @@ CONCEPTS: tuple[Concept, ...] = (
         "kv-per-token", "memory", "How many bytes of fp16 KV cache does one token of Llama-3-8B take (32 layers, 8 KV "
         "heads of dimension 128)?",
         "2 (K and V) x 32 x 8 x 128 x 2 bytes = {llama3_kv_token:,.0f} bytes = {llama3_kv_token_kib:.0f} KiB.",
-        f"{L00} §3", answer_fact="llama3_kv_token", unit="bytes", rel_tol=0.0,
+        f"{L08} §1", answer_fact="llama3_kv_token", unit="bytes", rel_tol=0.0,
         reference="reference_impl/kvcache.py",
     ),
     Concept(
@@ -496,7 +497,7 @@ CONCEPTS: tuple[Concept, ...] = (
         "KV cache?",
         "Only K and V are cached, one pair per KV head: with 8 instead of 32 the cache is {llama3_gqa} times smaller "
         "than with multi-head attention. The query heads cost nothing in the cache.",
-        f"{L00} §3",
+        f"{L08} §1",
         choices=(
             "it makes the cache {llama3_gqa} times smaller: only the 8 KV heads are cached",
             "nothing: the cache size depends on the query heads",
@@ -509,7 +510,7 @@ CONCEPTS: tuple[Concept, ...] = (
         "weigh as much as its bf16 weights?",
         "Weights {llama3_bf16_gb:.2f} GB / {llama3_kv_token:,.0f} bytes per token = {llama3_kv_equals_weights_tokens:,.0f} "
         "tokens: one 128k-token sequence, or 16 sequences of 8k. Beyond that the cache, not the weights, fills the GPU.",
-        f"{L00} §3", answer_fact="llama3_kv_equals_weights_tokens", unit="tokens", rel_tol=0.02,
+        f"{L08} §1", answer_fact="llama3_kv_equals_weights_tokens", unit="tokens", rel_tol=0.02,
     ),
     # ------------------------------------------------ affine quantization (lesson 01)
     Concept(
@@ -1030,7 +1031,7 @@ CONCEPTS: tuple[Concept, ...] = (
         "Keys have a few outlier channels in every token: a group along a channel sees one magnitude, a group along a "
         "token would span the outliers and round the small channels away. Values have no such channels, and each "
         "attention output mixes value rows, so a per-token error stays in its row.",
-        f"{L00} §3",
+        f"{L08} §2",
         choices=(
             "keys have fixed outlier channels, values do not; grouping along the channel keeps one magnitude per group",
             "keys are larger than values",
@@ -1043,7 +1044,7 @@ CONCEPTS: tuple[Concept, ...] = (
         "kivi-window", "kvcache", "Why does KIVI keep the newest R tokens in full precision?",
         "Recent tokens get most of the attention, and keys are grouped over G tokens along each channel: a group can "
         "only be quantized once it is complete. R (a multiple of G) tokens stay exact.",
-        f"{L00} §3",
+        f"{L08} §5",
         choices=(
             "recent tokens get most attention, and key groups of G tokens must be complete before quantizing",
             "to store the prompt",
@@ -1057,7 +1058,7 @@ CONCEPTS: tuple[Concept, ...] = (
         "chosen?",
         "It maps the largest magnitude seen (calibrated) onto e4m3's largest value, {e4m3_max:g}: x_hat = scale x "
         "fp8(x / scale). Larger values later saturate.",
-        f"{L00} §3",
+        f"{L08} §3",
         choices=(
             "amax / {e4m3_max:g}, from calibration, so the largest value lands on e4m3's maximum",
             "amax / 127, as for int8",

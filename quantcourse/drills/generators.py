@@ -430,7 +430,7 @@ def kv_bytes_per_token_question(rng: random.Random) -> Question:
                       if memory.constants else "")
                    + ". The query heads do not matter: only K/V heads are cached.")  # fmt: skip
     details = dict(layers=config.layers, kv_heads=config.kv_heads, head_dim=config.head_dim, scheme=scheme, context=context)
-    return Question("", "kvcache", prompt, answer, explanation, "course/00_welcome.ipynb §3", unit="bytes",
+    return Question("", "kvcache", prompt, answer, explanation, "course/08_kv_cache.ipynb §1", unit="bytes",
                     rel_tol=0.005, reference="reference_impl/kvcache.py", details=details)  # fmt: skip
 
 
