@@ -206,10 +206,12 @@ def test_kv_answers():
 
 
 def results_rows(folder: Path) -> list[dict]:
+    """The rows pair questions may use; awq.json's copies of gptq.json's rows count as gptq.json's."""
     rows = []
-    for name, key in (("baselines.json", "rows"), ("nf4.json", "smollm2"), ("gptq.json", "rows")):
+    for name, key in (("awq.json", "rows"), ("baselines.json", "rows"), ("nf4.json", "smollm2"), ("gptq.json", "rows")):
         if (folder / name).exists():
-            rows += [{**row, "source": name} for row in json.loads((folder / name).read_text())[key]]
+            rows += [{**row, "source": name} for row in json.loads((folder / name).read_text())[key]
+                     if row.get("source", name) in (name, "computed")]  # fmt: skip
     return rows
 
 
@@ -233,6 +235,13 @@ def test_recipe_pairs_come_from_the_published_results():
         check_pair(q, rows)
         fields.add(q.details["field"])
     assert {"where", "grid", "bits", "act", "format", "block"} <= fields
+
+
+def test_awq_rows_pair_with_rtn_and_copied_rows_keep_their_source():
+    pairs = generators.recipe_pairs()
+    assert any(w["method"] == "awq" and l["method"] == "rtn" and field == "algorithm" for w, l, field, _ in pairs)
+    for row in (r for pair in pairs for r in pair[:2]):
+        assert not (row["source"] == "awq.json" and row["method"] == "gptq"), "awq.json's GPTQ rows are gptq.json's"
 
 
 def test_recipe_pairs_use_gptq_results_when_present(tmp_path):

@@ -208,7 +208,7 @@ def facts() -> dict:
 
 L00, L01, L02, L03 = "course/00_welcome.ipynb", "course/01_affine.ipynb", "course/02_outliers.ipynb", "course/03_nf4.ipynb"
 L04, L07, L10 = "course/04_gptq.ipynb", "course/07_qlora.ipynb", "course/10_triton_kernels.ipynb"
-L06 = "course/06_smoothquant.ipynb"
+L05, L06 = "course/05_awq.ipynb", "course/06_smoothquant.ipynb"
 L08, L09 = "course/08_kv_cache.ipynb", "course/09_gguf.ipynb"
 
 CONCEPTS: tuple[Concept, ...] = (
@@ -266,7 +266,7 @@ CONCEPTS: tuple[Concept, ...] = (
         "yet rounded to cancel the error, using H = 2X^T X/n. AWQ multiplies each input channel's weights by "
         "s = mean|x|^r (r searched on a grid of 20 values against the block's output error), rounds, and folds 1/s into "
         "the previous operation, so salient channels get a finer effective grid. The two can be combined.",
-        f"{L04} §1",
+        f"{L05} §6",
         choices=(
             ("both calibrate on activations and store every weight on one 4-bit grid; GPTQ corrects rounding errors "
             "by updating the remaining weights with the inputs' Hessian, AWQ rescales salient input channels before "
@@ -890,7 +890,7 @@ CONCEPTS: tuple[Concept, ...] = (
         "The rounding error of a weight is at most half a step; after dividing by s it shrinks by s, while the group's "
         "step grows little (other weights set the group's max). The division is folded into the previous op, so it "
         "costs nothing at run time.",
-        f"{L02} §1",
+        f"{L05} §2",
         choices=(
             "the weight's rounding error is divided by s while the group's step barely changes",
             "the scaled weights are kept in fp16",
@@ -904,7 +904,7 @@ CONCEPTS: tuple[Concept, ...] = (
         "s = mean|x|^r per input channel (normalized so max s x min s = 1), r tried on a grid 0, 0.05, ..., 0.95, "
         "keeping the r with the lowest squared error of the block's output after quantization. r = 0 is RTN, so the "
         "search never does worse than RTN on its objective. No gradients.",
-        f"{L02} §1",
+        f"{L05} §3",
         choices=(
             "a grid search over r in s = mean|x|^r, scored by the block's output error after quantization",
             "by gradient descent on the model's loss",
@@ -918,7 +918,7 @@ CONCEPTS: tuple[Concept, ...] = (
         "The scale must fold into one v_proj output per o_proj input. Under grouped-query attention v_proj has 192 "
         "outputs (3 KV heads x 64) and o_proj reads 576 (9 heads): each value channel feeds three heads, so the pair "
         "is skipped.",
-        f"{L02} §1",
+        f"{L05} §3",
         choices=(
             "grouped-query attention: v_proj's 192 outputs do not match o_proj's 576 inputs",
             "o_proj has no salient channels",

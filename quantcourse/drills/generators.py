@@ -443,7 +443,7 @@ def recipe_settings(row: dict) -> dict | None:
     method = row.get("method")
     if method in ("nf4", "fp4", "int4_absmax"):
         return {"family": "codebook", "format": method, "block": row["group_size"], "double_quant": bool(row.get("double_quant"))}
-    if method not in ("rtn", "gptq", "w8a8", "llm_int8") or row.get("static_groups"):
+    if method not in ("rtn", "gptq", "awq", "w8a8", "llm_int8") or row.get("static_groups") or row.get("duo_scaling"):
         return None
     if method in ("w8a8", "llm_int8"):  # int8 weights per output channel, symmetric
         act = "token+outliers" if method == "llm_int8" else row["act_granularity"]
@@ -476,6 +476,10 @@ def why(field: str, winner, loser) -> str | None:
     if field == "algorithm" and (winner, loser) == ("gptq", "rtn"):
         return ("on the same grid and storage, GPTQ picks each code with the calibration inputs' Hessian and moves the "
                 "not-yet-quantized weights to cancel the output error; RTN rounds every weight on its own")  # fmt: skip
+    if field == "algorithm" and (winner, loser) == ("awq", "rtn"):
+        return ("on the same grid and storage, AWQ scales up the weights of the input channels with the largest "
+                "activations before rounding (their inputs are divided by the same scale), so the errors the inputs "
+                "amplify most shrink; RTN rounds every weight alike")  # fmt: skip
     if field == "act_order" and winner:
         return "act-order quantizes the loudest inputs first, while every other column is still free to absorb their error"
     if field == "act":
@@ -516,7 +520,8 @@ def label_of(row: dict) -> str:
     return f"{row['method']} {recipe_label(row)}".strip()
 
 
-POINTERS = {"baselines.json": "course/01_affine.ipynb §9", "nf4.json": "course/03_nf4.ipynb §3", "gptq.json": "course/04_gptq.ipynb §7"}
+POINTERS = {"baselines.json": "course/01_affine.ipynb §9", "nf4.json": "course/03_nf4.ipynb §3", "gptq.json": "course/04_gptq.ipynb §7",
+            "awq.json": "course/05_awq.ipynb §6"}
 
 
 @cache
@@ -524,7 +529,8 @@ def result_rows(results_dir: Path = RESULTS_DIR) -> tuple[dict, ...]:
     """Rows of the published (not fast-mode) results files that a pair question can use.
 
     Each row gets `source` (its file name). Files that are missing, unreadable or made in fast
-    mode are skipped: a question must rest on the published measurement.
+    mode are skipped: a question must rest on the published measurement. A row that names
+    another results file as its source (awq.json repeats gptq.json's rows) is that file's.
     """
     rows = []
     for path in sorted(Path(results_dir).glob("*.json")):
@@ -539,7 +545,8 @@ def result_rows(results_dir: Path = RESULTS_DIR) -> tuple[dict, ...]:
         candidates = data.get("rows", []) if path.name != "nf4.json" else data.get("smollm2", [])
         for row in candidates if isinstance(candidates, list) else []:
             needed = ("method", "ppl", "ref_ppl", "kld", "eval_tokens", "bits_per_weight")
-            if isinstance(row, dict) and all(k in row for k in needed) and not row.get("fast_mode", False):
+            copied = str(row.get("source", "")).endswith(".json") and row.get("source") != path.name
+            if isinstance(row, dict) and all(k in row for k in needed) and not row.get("fast_mode", False) and not copied:
                 rows.append({**row, "source": path.name})
     return tuple(rows)
 
