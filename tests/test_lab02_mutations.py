@@ -20,6 +20,8 @@ import nbformat
 import pytest
 from nbgrader.preprocessors import ClearHiddenTests, ClearSolutions
 
+from lab_catalog import suite_points
+
 from quantcourse.autograder import engine
 from quantcourse.autograder.notebook import is_test_cell, nbgrader_meta, read_submission
 from quantcourse.autograder.sandbox import Sandbox
@@ -639,16 +641,6 @@ def rounds(versions: list[tuple]) -> list[dict[str, str]]:
     return list(planned.values())
 
 
-def suite_points() -> dict[str, float]:
-    points = defaultdict(float)
-    for name, value in vars(engine.load_suite(LAB)).items():
-        if name.startswith("test_"):
-            for mark in getattr(value, "pytestmark", []):
-                if mark.name == "graded":
-                    points[mark.kwargs["key"]] += mark.kwargs["points"]
-    return dict(points)
-
-
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
     notebook = nbformat.read(SOURCE, as_version=4)
@@ -662,7 +654,7 @@ def sandbox(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def max_points():
-    return suite_points()
+    return suite_points(LAB)
 
 
 @pytest.fixture(scope="module")
@@ -711,7 +703,7 @@ def test_wrong_versions_lose_points(results, max_points, function, version, hint
 
 def test_source_notebook_earns_full_marks_and_the_student_version_none(tmp_path):
     source = engine.grade_notebook(SOURCE)
-    assert source.score == source.max_score == sum(suite_points().values()), [
+    assert source.score == source.max_score == sum(suite_points(LAB).values()), [
         (t.name, t.feedback) for t in source.tests if t.status not in ("passed", "manual")
     ]
     assert not source.load.cell_errors
@@ -742,7 +734,7 @@ def test_notebook_points_match_the_suite():
             cells[keys[0]] = meta["points"]
         elif meta.get("grade") and meta.get("solution"):
             manual += meta["points"]
-    assert cells == suite_points()
+    assert cells == suite_points(LAB)
     assert {key.removeprefix("02.") for key in cells} == set(engine.load_suite(LAB).GRADED)
     assert manual > 0 and sum(cells.values()) + manual >= 100
 
