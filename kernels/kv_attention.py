@@ -105,7 +105,7 @@ LOG2E = 1.4426950408889634
 MIN_DOT_ROWS = 16  # the tensor cores' smallest row count: the query group is padded to it
 
 # (BLOCK_T, SPLITS, LANES, num_warps, num_stages). One (sequence, KV head) per program row: with
-# B = 1 and 8 KV heads, SPLITS 16 to 64 make 128 to 512 programs for 132 SMs; large batches fill
+# B = 1 and 8 KV heads, SPLITS 16 or 32 make 128 or 256 programs for 132 SMs; large batches fill
 # the GPU with fewer splits, down to none. On the GPU a lane's share of a tile, BLOCK_T / LANES,
 # is at least 16 tokens (the matrix units' smallest dimension). Configurations with more splits
 # than tiles of tokens are pruned (they would leave slices empty).

@@ -28,8 +28,9 @@ from quantcourse.reference_impl.kvcache import (
 
 # (B, H_q, H_kv, T, D). CPU: the interpreter's tiles are 16 tokens in 3 splits, so T = 37 fills
 # three slices (the last tile ragged), T = 50 two of them (the third is empty), T = 5 one partial
-# tile (with 4 lanes of 4 tokens, two lanes see no token); D = 24 is not a power of two. GQA ratios 1, 3 (SmolLM2: 9 query heads, 3 KV heads, D = 64)
-# and 8. GPU: Llama-3-8B-like heads at ragged lengths.
+# tile (in 4 lanes of 4 tokens, two lanes see no token); D = 24 is not a power of two. GQA ratios
+# 1, 3 (SmolLM2: 9 query heads, 3 KV heads, D = 64) and 8. GPU: Llama-3-8B-like heads at ragged
+# lengths.
 SHAPES = {
     "cpu": [(2, 4, 4, 37, 32), (1, 9, 3, 50, 64), (2, 8, 1, 5, 16), (1, 2, 1, 23, 24)],
     "cuda": [(1, 32, 8, 4101, 128), (3, 9, 3, 777, 64), (2, 8, 1, 33000, 128), (4, 4, 4, 129, 32)],
