@@ -11,8 +11,6 @@ is renamed `quantize_q4_0__swapped_nibbles`. A single learner process serves the
 """
 
 import ast
-import copy
-import inspect
 import re
 from pathlib import Path
 
@@ -20,9 +18,22 @@ import nbformat
 import numpy as np
 import pytest
 import torch
-from nbgrader.preprocessors import ClearHiddenTests, ClearSolutions
 
-from lab_catalog import grade_version, nbgrader_cells, suite_points, versions_sandbox
+from lab_catalog import (
+    check_catalog_covers,
+    check_full_marks,
+    check_loses_points,
+    check_reference_signatures,
+    check_saved_without_outputs,
+    check_solution_cells_hold_only,
+    check_source_and_student_notebooks,
+    check_test_cells_match_the_suite,
+    grade_version,
+    nbgrader_cells,
+    suite_points,
+    version,
+    versions_sandbox,
+)
 
 from quantcourse.autograder import engine
 from quantcourse.autograder.sandbox import LearnerError
@@ -31,13 +42,6 @@ from quantcourse.reference_impl import gguf_file as F
 
 LAB = "09_gguf"
 NOTEBOOK = Path(__file__).resolve().parents[1] / "labs" / LAB / f"{LAB}.ipynb"
-
-
-def version(template: str, right: dict, **changes) -> str:
-    source = template
-    for key, value in {**right, **changes}.items():
-        source = source.replace(key, value)
-    return source
 
 
 Q8 = '''
@@ -410,24 +414,14 @@ def sandbox(tmp_path_factory):
 
 @pytest.mark.parametrize("function, name", [(f, v) for f, versions in WRONG.items() for v in versions])
 def test_wrong_version_loses_points(sandbox, function, name):
-    results = grade_version(LAB, sandbox, function, name)
-    lost = [r for r in results if r.points < r.max_points]
-    assert lost, f"{function}__{name} got full marks"
-    assert all(r.status in ("failed", "error") for r in lost), [(r.name, r.status, r.feedback) for r in lost]
-    assert not any(r.feedback.startswith("internal grader error") for r in lost), [r.feedback for r in lost]
+    lost = check_loses_points(grade_version(LAB, sandbox, function, name), f"{function}__{name}", WRONG[function][name][1])
     if name in ("divides", "float64"):  # x / d or float64 change a code only next to a rounding boundary
         assert {r.name for r in lost} == {f"test_{function.removeprefix('quantize_')}_float_order"}, [r.name for r in lost]
-    expected = WRONG[function][name][1]
-    if expected:
-        feedback = "\n".join(r.feedback for r in lost)
-        assert expected in feedback, f"feedback does not name the mistake ({expected!r}):\n{feedback}"
 
 
 @pytest.mark.parametrize("function, name", [(f, v) for f, versions in CORRECT.items() for v in versions] + [(f, None) for f in WRONG])
 def test_correct_version_gets_full_marks(sandbox, function, name):
-    results = grade_version(LAB, sandbox, function, name)
-    wrong = [(r.name, r.status, r.feedback) for r in results if r.points != r.max_points]
-    assert not wrong, wrong
+    check_full_marks(grade_version(LAB, sandbox, function, name))
 
 
 def test_sandbox_carries_numpy_arrays_and_bytes(sandbox):
@@ -440,10 +434,7 @@ def test_sandbox_carries_numpy_arrays_and_bytes(sandbox):
 
 
 def test_catalog_covers_every_graded_function():
-    graded = set(engine.load_suite(LAB).GRADED)
-    assert set(WRONG) == set(CORRECT) == graded
-    for function in graded:
-        assert len(WRONG[function]) >= 5 and len(CORRECT[function]) >= 2, function
+    check_catalog_covers(LAB, WRONG, CORRECT)
 
 
 def test_given_helpers_behave_like_the_reference(sandbox):
@@ -482,25 +473,7 @@ def test_given_helpers_behave_like_the_reference(sandbox):
 
 @pytest.mark.slow
 def test_source_notebook_gets_full_marks_and_student_version_zero(tmp_path):
-    report = engine.grade_notebook(NOTEBOOK)
-    assert report.max_score == sum(suite_points(LAB).values())
-    assert report.score == report.max_score, [(t.name, t.feedback) for t in report.tests if t.status not in ("passed", "manual")]
-    assert not report.load.cell_errors and not report.load.refusals
-
-    # The student version: nbgrader's own preprocessors (those of generate_assignment, which is
-    # too slow to run here), and the committed student copy where there is one.
-    student = nbformat.read(NOTEBOOK, as_version=4)
-    student, _ = ClearSolutions().preprocess(copy.deepcopy(student), {})
-    student, _ = ClearHiddenTests().preprocess(student, {})
-    path = tmp_path / f"{LAB}.ipynb"
-    nbformat.write(student, path)
-    committed = NOTEBOOK.parent / "student" / NOTEBOOK.name
-    for student_version in [path] + ([committed] if committed.is_file() else []):
-        report = engine.grade_notebook(student_version)
-        assert report.max_score == sum(suite_points(LAB).values())
-        assert report.score == 0, [(t.name, t.feedback) for t in report.tests if t.points]
-        assert not report.load.cell_errors, report.load.cell_errors
-        assert all("NotImplementedError" in t.feedback for t in report.tests if t.status == "error"), student_version
+    check_source_and_student_notebooks(LAB, NOTEBOOK, tmp_path)
 
 
 def test_bad_inputs_raise_what_the_reference_raises():
@@ -536,15 +509,7 @@ def test_suite_cases_stay_inside_what_is_defined():
 
 
 def test_test_cells_match_the_suite():
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    cell_points = {}
-    for cell, meta in nbgrader_cells(notebook, "test"):
-        keys = re.findall(r'^grade\("([^"]+)"\)', cell.source, flags=re.MULTILINE)
-        assert len(keys) == 1 and "### BEGIN HIDDEN TESTS" in cell.source, cell.source
-        assert meta["grade_id"] == "test_" + keys[0].removeprefix("09."), meta
-        cell_points[keys[0]] = meta["points"]
-    assert cell_points == suite_points(LAB)
-    assert {key.removeprefix("09.") for key in cell_points} == set(engine.load_suite(LAB).GRADED)
+    check_test_cells_match_the_suite(LAB, NOTEBOOK)
 
 
 def test_points_and_metadata():
@@ -567,32 +532,13 @@ def test_points_and_metadata():
 
 def test_graded_functions_have_the_reference_signatures():
     """Same names, parameters and defaults as the reference (the lab promises it)."""
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    defined = {}
-    for cell in notebook.cells:
-        if cell.cell_type == "code" and cell.metadata.get("nbgrader", {}).get("solution"):
-            for node in ast.parse(cell.source).body:
-                if isinstance(node, ast.FunctionDef):
-                    defined[node.name] = [a.arg for a in node.args.args], [ast.literal_eval(d) for d in node.args.defaults]
-    for name, reference in engine.load_suite(LAB).GRADED.items():
-        parameters = inspect.signature(reference).parameters.values()
-        names = [p.name for p in parameters]
-        defaults = [p.default for p in parameters if p.default is not inspect.Parameter.empty]
-        assert defined[name] == (names, defaults), (name, defined[name], names, defaults)
+    check_reference_signatures(LAB, NOTEBOOK)
 
 
 def test_notebook_is_saved_without_outputs():
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    for cell in notebook.cells:
-        if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, cell.source[:80]
+    check_saved_without_outputs(NOTEBOOK)
 
 
 def test_solution_cells_hold_only_definitions():
     """The grader runs only definitions; a top-level call in a solution cell would be lost."""
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    for cell in notebook.cells:
-        meta = cell.metadata.get("nbgrader", {})
-        if cell.cell_type == "code" and meta.get("solution"):
-            for node in ast.parse(cell.source).body:
-                assert isinstance(node, (ast.FunctionDef, ast.Import, ast.ImportFrom)), ast.dump(node)[:80]
+    check_solution_cells_hold_only(NOTEBOOK)
