@@ -60,17 +60,81 @@ def check_tensor(
     return t
 
 
-def launch(kernel, grid, *args, cpu_config: dict, **kwargs) -> None:
+def launch(kernel, grid, *args, cpu_config: dict, relaunchable: bool = False, **kwargs) -> "Relaunch | None":
     """Run an autotuned kernel: tuned on a GPU, `cpu_config` under the interpreter.
 
     kernel: a `triton.autotune` object (its `.fn` is the kernel it tunes). grid: a tuple or a
-    function of the chosen meta-parameters, as Triton takes it.
+    function of the chosen meta-parameters, as Triton takes it. relaunchable: on a GPU, return a
+    `Relaunch` of this launch (otherwise, and under the interpreter, None).
     """
     if interpreting():
         kernel.fn[grid](*args, **kwargs, **cpu_config)
-        return
+        return None
     with torch.cuda.device(args[0].device):
-        kernel[grid](*args, **kwargs)
+        compiled = kernel[grid](*args, **kwargs)
+    return Relaunch.of(kernel, grid, args, kwargs, compiled) if relaunchable else None
+
+
+class Relaunch:
+    """A launch to repeat with other tensors in a few places: a layer's kernel called once per
+    generated token, say, whose weights, configuration and shapes stay the same.
+
+    Each Triton launch from Python binds the arguments to the kernel's parameters, looks up the
+    autotuner's choice and the compiled kernel by their specializations (dtypes, 16-byte
+    alignment of every pointer, which integers are 1 or multiples of 16), and only then calls the
+    launcher, which asks every tensor for its address and the driver whether that address is a
+    GPU's. On a slow host that costs several times the launch itself (the H100 machine's,
+    benchmarks/results/per_call.md). A Relaunch does all that once, and afterwards calls the
+    compiled kernel's launcher directly with addresses, as Triton's own launch path does at its
+    end (without launch hooks: a profiler such as proton does not see relaunches). Replacement
+    tensors must keep what the kernel was specialized for: dtype, device and 16-byte alignment;
+    the caller checks that (TritonLinear4bit keys its relaunches by them).
+    """
+
+    def __init__(self, compiled, grid: tuple[int, ...], args: list, device: int):
+        from triton.runtime import driver
+
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.compiled = compiled
+        self.kept = [a for a in args if isinstance(a, torch.Tensor)]  # alive as long as their addresses below
+        self.args = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
+        self.device = device
+        self.current_device, self.stream_of = driver.active.get_current_device, driver.active.get_current_stream
+
+    @classmethod
+    def of(cls, kernel, grid, args: tuple, kwargs: dict, compiled) -> "Relaunch":
+        """The launch `kernel[grid](*args, **kwargs)` that compiled `compiled`: its arguments
+        resolved as the autotuner (its choice) and the heuristics resolved them."""
+        from triton.runtime.autotuner import Autotuner, Heuristics
+
+        values, fn = dict(kwargs), kernel
+        while isinstance(fn, (Autotuner, Heuristics)):
+            named = {**dict(zip(fn.arg_names, args)), **values}
+            if isinstance(fn, Autotuner):
+                values.update(fn.best_config.kwargs)
+            else:
+                values.update({name: rule(named) for name, rule in fn.values.items()})
+            fn = fn.fn
+        named = {**dict(zip(fn.arg_names, args)), **values}
+        full = [named[name] for name in fn.arg_names]
+        return cls(compiled, grid(named) if callable(grid) else grid, full, args[0].device.index)
+
+    def __call__(self, *replacements: tuple[int, torch.Tensor]) -> None:
+        """Launch again with argument i replaced by tensor t for each (i, t) (positions as in the
+        original launch's `args`), on the current stream of the original device."""
+        args = list(self.args)
+        for i, t in replacements:
+            args[i] = t.data_ptr()
+        if self.current_device() == self.device:
+            self._run(args)
+        else:  # the kernel is loaded in its device's context
+            with torch.cuda.device(self.device):
+                self._run(args)
+
+    def _run(self, args: list) -> None:
+        kernel = self.compiled
+        # (grid, stream, function, metadata, launch metadata and enter/exit hooks: none, arguments)
+        kernel.run(*self.grid, self.stream_of(self.device), kernel.function, kernel.packed_metadata, None, None, None, *args)
 
 
 def tuning_bench(kernel_call, quantiles):

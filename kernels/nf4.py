@@ -37,8 +37,10 @@ Three kernels:
   `dequantize_4bit` (on a GPU; the interpreter truncates to bfloat16 where torch rounds).
 - GEMV (M = 1, generating one token): each program takes BLOCK_N rows of W and a slice of K,
   tile by tile, issuing the next tile's loads before decoding the current one so that memory
-  keeps working while the ALUs do. Float32 accumulation (with the register table, each word's
-  8 products are summed in fp16/bf16 pairs first, as kernels/w4a16.py does).
+  keeps working while the ALUs do. A tile is held as [rows, quantization blocks, words], so a
+  block's absmax multiplies its word sums at once; the absmax are decoded a tile ahead of use.
+  Float32 accumulation (with the register table, each word's 8 products are summed in fp16/bf16
+  pairs first, as kernels/w4a16.py does).
 - GEMM (M >= 2): the weight tile is decoded to fp16/bf16, scaled by its absmax, and handed to
   `tl.dot` (tensor cores). On an H100 it lost to "dequantize W once, then cuBLAS" at every M
   from 2 to 256 (4096 x 4096: 44 us against 31 at M = 2, 294 against 38 at M = 256), so
@@ -53,9 +55,15 @@ The fused matmuls need K to be a multiple of blocksize, so that no block straddl
 (bitsandbytes itself only requires the total to be); `dequantize_nf4` takes any shape.
 
 Measured on an H100 (fp16 x, M = 1, cold L2 as benchmarks/kernels.py measures, the best
-configuration found): 4096 x 4096 14.5 us (fp16 cuBLAS 19.1, bitsandbytes 14.7 in
-benchmarks/results/kernels.md), 8192 x 8192 35.8 us (50.5), 8192 x 28672 93.0 us (168.5,
-bitsandbytes 105.8): 1.3x to 1.8x over fp16. benchmarks/kernels.py has the current numbers.
+configuration found): 4096 x 4096 11.1 us (fp16 cuBLAS 18.8, bitsandbytes 14.9 in
+benchmarks/results/kernels.md), 8192 x 8192 23.9 us (50.4), 8192 x 28672 64.2 us (170.8,
+bitsandbytes 105.6): 1.7x to 2.7x over fp16. At that shape reading the weight alone takes about
+40 us, and decoding it alone about as long (21 integer instructions per word of 8 weights, on
+the pipe that issues half as many per clock as the float one, counted in the compiled code):
+the 64 us are the two overlapping imperfectly. Called one token at a time from Python, a layer
+costs its host time, not its GPU time: `TritonLinear4bit` relaunches its GEMV without Triton's
+per-call dispatch (kernels.common.Relaunch), 18 us per call at 4096 x 4096 against bitsandbytes'
+52 (benchmarks/results/per_call.md).
 
 Twin: `reference_impl.nf4` (quantize_4bit, dequantize_4bit, matmul_4bit), itself checked byte
 for byte against bitsandbytes.
@@ -73,25 +81,27 @@ from torch.nn import functional as F
 
 from quantcourse.reference_impl.nf4 import QuantState, quantize_4bit, storage_bits
 
-from .common import check_device, check_tensor, interpreting, launch, tuning_bench
+from .common import Relaunch, check_device, check_tensor, interpreting, launch, tuning_bench
 from .quantize import FLOATS
 from .w4a16 import DOT_DTYPES, GEMM_SPLIT_K_MAX_M, split_k_workspace, store_split_k
 
 # GEMV: (BLOCK_N, BLOCK_K, SPLIT_K, num_warps); a row's tile is BLOCK_K / 2 contiguous bytes.
-# Measured on an H100 with the code book in registers (fp16 x, 21 configurations tried): for
-# 8192 x 8192 and 8192 x 28672, 32 rows x 64 inputs (one block per row), SPLIT_K 4, 2 warps,
-# 56 registers, was fastest; for 4096 x 4096 and smaller, 16 rows x 512 to 1024 inputs.
+# Measured on an H100 with the code book in registers (fp16 x, cold L2, about 50 configurations
+# at 4096 x 4096, 8192 x 8192 and 8192 x 28672): one warp per program, 16 rows of 256 inputs
+# (128 bytes a row), K split in 2 or 4, was fastest at all three (128 registers: 16 warps per
+# SM); four warps on 32 rows were 9% slower at 8192 x 28672. The tiles of 64 inputs serve
+# in_features that 128 does not divide (576 = 9 x 64), where the others would need masks.
 GEMV_CONFIGS = [
     triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": s}, num_warps=w)
     for n, k, s, w in [
-        (32, 64, 4, 2),
-        (64, 64, 2, 4),
-        (128, 64, 2, 4),
-        (16, 256, 2, 2),
+        (16, 256, 2, 1),
+        (16, 256, 4, 1),
+        (16, 128, 4, 1),
+        (16, 128, 8, 1),
+        (32, 128, 4, 1),
         (32, 256, 4, 4),
-        (16, 512, 1, 4),
-        (16, 512, 2, 4),
-        (16, 1024, 1, 4),
+        (16, 64, 8, 1),
+        (64, 64, 8, 2),
     ]
 ]
 # GEMM: (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, SWAP_AB, num_warps, num_stages), as kernels/w4a16.py.
@@ -181,30 +191,32 @@ def nibble_values(words, p: tl.constexpr, code_ptr):
 #   prmt(those two, q)              per byte, the second if the nibble's bit 3 is set:
 #                                   q = 0x3210 | ((c >> 1) & 0x4444) selects byte i or i + 4
 # and the same for the high bytes; two more `prmt` interleave low and high bytes into two fp16
-# pairs in input order. 23 instructions for the 8 weights of a word, no memory access. The
-# values are then the code book rounded to fp16 (or bf16), which the results' type rounds
-# anyway. Triton has no byte permute: these are inline PTX, so the interpreter (and float32
-# activations, which need the exact values) take the `nibble_values` path.
+# pairs in input order. `prmt` reads only the low 16 bits of its selector, so the selectors of
+# the word's upper 4 nibbles are those of the lower 4 shifted down by 16. 21 instructions for
+# the 8 weights of a word, no memory access. The values are then the code book rounded to fp16
+# (or bf16), which the results' type rounds anyway. Triton has no byte permute: these are inline
+# PTX, so the interpreter (and float32 activations, which need the exact values) take the
+# `nibble_values` path.
 
 
 def _decode_ptx(word: str, table: list[str]) -> list[str]:
     """PTX: the 8 weights of `word` as fp16/bf16 pairs p0..p3 = (w0, w1), .. (w6, w7)."""
-    lines = []
+    lines = [
+        f"and.b32 s, {word}, 0x77777777;",  # byte selectors: entry (nibble & 7)
+        f"shr.u32 q, {word}, 1;",
+        "lop3.b32 q, q, 0x44444444, 0x32103210, 0xEA;",  # (q & 0x44444444) | 0x32103210: bit 3 picks
+    ]
     for chunk, (pair_a, pair_b) in enumerate((("p0", "p1"), ("p2", "p3"))):
-        c = word if chunk == 0 else "c"
-        if chunk:
-            lines.append(f"shr.u32 c, {word}, 16;")
+        if chunk:  # nibbles 4..7
+            lines += ["shr.u32 s, s, 16;", "shr.u32 q, q, 16;"]
         lines += [
-            f"and.b32 s, {c}, 0x7777;",
-            f"shr.u32 q, {word}, {16 * chunk + 1};",
-            "lop3.b32 q, q, 0x4444, 0x3210, 0xEA;",  # (q & 0x4444) | 0x3210
             f"prmt.b32 a, {table[0]}, {table[1]}, s;",
             f"prmt.b32 b, {table[2]}, {table[3]}, s;",
             "prmt.b32 lo, a, b, q;",
             f"prmt.b32 a, {table[4]}, {table[5]}, s;",
             f"prmt.b32 b, {table[6]}, {table[7]}, s;",
             "prmt.b32 hi, a, b, q;",
-            # In the word, element 2j is the high nibble of byte j: nibbles 0..3 of c are
+            # In the word, element 2j is the high nibble of byte j: nibbles 0..3 of the chunk are
             # elements 1, 0, 3, 2, so the pairs take bytes (1, 0) and (3, 2) of lo and hi.
             f"prmt.b32 {pair_a}, lo, hi, 0x4051;",
             f"prmt.b32 {pair_b}, lo, hi, 0x6273;",
@@ -214,7 +226,7 @@ def _decode_ptx(word: str, table: list[str]) -> list[str]:
 
 def _ptx(half: str, result: str) -> tl.constexpr:
     """Inline PTX for `dot8_nf4` (result "dot") or `dequantize8_nf4` (result "pairs"); half: f16 or bf16."""
-    head = [".reg .b32 c, s, q, a, b, lo, hi, p0, p1, p2, p3, acc;", ".reg .b16 l16, h16;", ".reg .f32 fl, fh;"]
+    head = [".reg .b32 s, q, a, b, lo, hi, p0, p1, p2, p3, acc;", ".reg .b16 l16, h16;", ".reg .f32 fl, fh;"]
     table = [f"${i}" for i in range(6, 14)]
     if result == "dot":  # $0 = sum of the 8 products; $1 word; $2..$5 activation pairs
         body = _decode_ptx("$1", table) + [
@@ -274,13 +286,13 @@ def split_pair(pairs, HALF: tl.constexpr):
 
 @triton.jit
 def dot8_nf4(words, x01, x23, x45, x67, l0, l1, l2, l3, h0, h1, h2, h3, HALF: tl.constexpr):
-    """sum over the 8 weights of each word of code[index] * x, float32 shaped like words [R, C].
-    x01 .. x67 [C] int32: the activation pairs (x_8i, x_8i+1), .., (x_8i+6, x_8i+7) of word
-    column i; l0 .. h3: `code_registers`. The 8 products are summed in HALF pairs, then the two
-    halves in float32: with |code| <= 1, an fp16 sum overflows only past |x| = 8188 on all 8."""
+    """sum over the 8 weights of each word of code[index] * x, float32 shaped like words.
+    x01 .. x67 int32, broadcastable to words: the activation pairs (x_8i, x_8i+1), ..,
+    (x_8i+6, x_8i+7) of each word's inputs 8i .. 8i+7; l0 .. h3: `code_registers`. The 8
+    products are summed in HALF pairs, then the two halves in float32: with |code| <= 1, an fp16
+    sum overflows only past |x| = 8188 on all 8."""
     z = tl.zeros_like(words)
-    args = [words, x01[None, :] + z, x23[None, :] + z, x45[None, :] + z, x67[None, :] + z,
-            l0 + z, l1 + z, l2 + z, l3 + z, h0 + z, h1 + z, h2 + z, h3 + z]  # fmt: skip
+    args = [words, x01 + z, x23 + z, x45 + z, x67 + z, l0 + z, l1 + z, l2 + z, l3 + z, h0 + z, h1 + z, h2 + z, h3 + z]
     if HALF == tl.bfloat16:
         sums = tl.inline_asm_elementwise(DOT8_BF16, "=r" + ",r" * 13, args, dtype=tl.int32, is_pure=True, pack=1)
     else:
@@ -357,59 +369,123 @@ def cold_cache_bench(kernel_call, quantiles, reps: int = 30) -> list[float]:
     return [torch.quantile(times, q).item() for q in quantiles]
 
 
+@triton.jit
+def _gemv_words(row_ptr, word, k0, k_end, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """The words [R, NB, WB] of the tile at input k0 (row_ptr [R, NB, WB]: the tile at input 0).
+    EVEN_K: the tile is whole (k0 in range, as the caller clamps it); else 0 from k_end on."""
+    ptrs = row_ptr + tl.multiple_of(k0 // 8, BLOCK_K // 8)
+    if EVEN_K:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=(k0 + 8 * word < k_end)[None, :, :], other=0)
+
+
+@triton.jit
+def _gemv_stats(absmax_ptr, rows, k0, K, BS: tl.constexpr, NB: tl.constexpr):
+    """[R, NB]: the quantization blocks of the tile at input k0 (clamped into their row: past the
+    end, any block will do) and what is stored for them (absmax, or its code)."""
+    first = tl.minimum(k0, K - 1) // BS
+    blocks = rows[:, None] * (K // BS) + tl.minimum(first + tl.arange(0, NB)[None, :], K // BS - 1)
+    return tl.load(absmax_ptr + blocks), blocks
+
+
+@triton.jit
+def _gemv_pairs(pairs_ptr, k0, k_end, NB: tl.constexpr, WB: tl.constexpr, EVEN_K: tl.constexpr):
+    """x as the pairs (x_8i, x_8i+1), .., (x_8i+6, x_8i+7) of the tile's words: 4 int32 [NB, WB],
+    read in one contiguous load (0 from k_end on)."""
+    i = tl.arange(0, NB * WB * 4)
+    ptrs = pairs_ptr + tl.multiple_of(k0 // 2, NB * WB * 4) + i
+    if EVEN_K:
+        pairs = tl.load(ptrs)
+    else:
+        pairs = tl.load(ptrs, mask=k0 + 2 * i < k_end, other=0)
+    even, odd = tl.split(tl.reshape(pairs, [NB, WB, 2, 2]))  # pairs 4w + (0, 2) and 4w + (1, 3)
+    x01, x45 = tl.split(even)
+    x23, x67 = tl.split(odd)
+    return x01, x23, x45, x67
+
+
+@triton.jit
+def _gemv_tile_dot(words, x_ptr, k0, k_end, word, code_ptr, l0, l1, l2, l3, h0, h1, h2, h3, X_DTYPE: tl.constexpr,
+                   REGISTER_TABLE: tl.constexpr, NB: tl.constexpr, WB: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
+    """sum over the 8 weights of each word of code[index] * x: float32 [R, NB, WB]."""
+    if REGISTER_TABLE:
+        x01, x23, x45, x67 = _gemv_pairs(x_ptr.to(tl.pointer_type(tl.int32)), k0, k_end, NB, WB, EVEN_K)
+        dot = dot8_nf4(words, x01[None, :, :], x23[None, :, :], x45[None, :, :], x67[None, :, :],
+                       l0, l1, l2, l3, h0, h1, h2, h3, X_DTYPE)  # fmt: skip
+    else:
+        dot = tl.zeros(words.shape, tl.float32)
+        for p in tl.static_range(8):  # nibble p of every word: inputs 8i + (p ^ 1)
+            k = k0 + 8 * word + (p ^ 1)
+            if EVEN_K:
+                xk = tl.load(x_ptr + k)
+            else:
+                xk = tl.load(x_ptr + k, mask=k < k_end, other=0.0)
+            dot += nibble_values(words, p, code_ptr) * xk.to(tl.float32)[None, :, :]
+    return dot
+
+
 @triton.autotune(configs=GEMV_CONFIGS, key=["N", "K", "BS", "NESTED"], do_bench=cold_cache_bench)
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
+                    "WB": lambda args: min(args["BLOCK_K"], args["BS"]) // 8})  # fmt: skip
 @triton.jit
 def _nf4_gemv_kernel(
     x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, map_ptr, offset_ptr, code_ptr, bias_ptr, out_ptr,
-    partial_ptr, count_ptr, N, K,
+    partial_ptr, count_ptr, N, K, K_WORDS,
     BS: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr, HAS_BIAS: tl.constexpr,
     X_DTYPE: tl.constexpr, REGISTER_TABLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, WB: tl.constexpr,
 ):  # fmt: skip
     """out [1, N] = x [1, K] @ W^T for W [N, K] in bitsandbytes' layout. Grid: (cdiv(N, BLOCK_N), SPLIT_K).
+    K_WORDS = K / 8, a row's words: an argument of its own, so that Triton specializes it as a
+    multiple of 16 (K a multiple of 128) and loads a row's words 16 bytes at a time.
 
-    The tile stays in its loaded layout, words [BLOCK_N, BLOCK_K/8], with no reshuffling of
-    registers (on a GPU a round trip through shared memory). REGISTER_TABLE (x fp16 or bf16 on a
-    GPU): each word meets its 8 inputs as 4 pairs read straight from x, the code book in
-    registers (`dot8_nf4`). Otherwise nibble p of every word is looked up at once and meets the
-    inputs x[8i + (p ^ 1)]."""
+    A tile is BLOCK_N rows by BLOCK_K inputs, held as words [BLOCK_N, NB, WB]: NB quantization
+    blocks of WB words each (one partial block when blocks are longer than the tile), in their
+    loaded layout, never reshuffled (on a GPU a round trip through shared memory). Each block's
+    absmax then multiplies its WB word sums at once. REGISTER_TABLE (x fp16 or bf16 on a GPU):
+    each word meets its 8 inputs as 4 pairs, the code book in registers (`dot8_nf4`); otherwise
+    nibble p of every word is looked up at once and meets the inputs x[8i + (p ^ 1)].
+
+    Pipelining: the next tile's words are loaded before this one is decoded, and the absmax
+    are decoded one tile ahead of use from codes loaded two tiles ahead (with double
+    quantization, an absmax is two dependent loads after its code). EVEN_K (K a multiple of
+    BLOCK_K, set by the heuristic): every tile is whole, so no load needs a mask; the
+    prefetches past the slice's end are clamped onto its last tile instead."""
+    NB: tl.constexpr = BLOCK_K // (8 * WB)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, N - 1)  # rows past N read row N - 1 and are never stored
-    w = tl.arange(0, BLOCK_K // 8)
+    word = tl.arange(0, NB)[:, None] * WB + tl.arange(0, WB)[None, :]  # [NB, WB]: word w holds inputs 8w .. 8w + 7
+    row_ptr = packed_ptr + rows[:, None, None] * K_WORDS + word[None, :, :]
     span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K  # inputs per K slice
     k_start = pid_k * span
     k_end = tl.minimum(K, k_start + span)
-
-    # acc[n, i]: word column i of every tile, times its block's absmax; summed over i at the end
-    acc = tl.zeros([BLOCK_N, BLOCK_K // 8], tl.float32)
+    last = K  # prefetches past the slice's end: masked off, or (EVEN_K) clamped onto the last tile
+    if EVEN_K:
+        last = K - BLOCK_K
     if REGISTER_TABLE:
         l0, l1, l2, l3, h0, h1, h2, h3 = code_registers(code_ptr, X_DTYPE)
-        pairs_ptr = x_ptr.to(tl.pointer_type(tl.int32))  # x as pairs of 16-bit values
-    words, stats, blocks = _weight_tile(packed_ptr, absmax_ptr, rows, k_start, k_end, K, BS, BLOCK_K)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        # Prefetch: issue the next tile's loads before decoding this one (module doc).
-        next_words, next_stats, next_blocks = _weight_tile(packed_ptr, absmax_ptr, rows, k0 + BLOCK_K, k_end, K,
-                                                           BS, BLOCK_K)  # fmt: skip
-        if REGISTER_TABLE:
-            pair = k0 // 2 + 4 * w  # pair index of inputs 8i, 8i + 1 of word column i
-            ok = k0 + 8 * w < k_end  # 0 past the slice
-            x01 = tl.load(pairs_ptr + pair, mask=ok, other=0)
-            x23 = tl.load(pairs_ptr + pair + 1, mask=ok, other=0)
-            x45 = tl.load(pairs_ptr + pair + 2, mask=ok, other=0)
-            x67 = tl.load(pairs_ptr + pair + 3, mask=ok, other=0)
-            dot = dot8_nf4(words, x01, x23, x45, x67, l0, l1, l2, l3, h0, h1, h2, h3, X_DTYPE)
-        else:
-            dot = tl.zeros([BLOCK_N, BLOCK_K // 8], tl.float32)
-            for p in tl.static_range(8):
-                k = k0 + 8 * w + (p ^ 1)
-                xk = tl.load(x_ptr + k, mask=k < k_end, other=0.0).to(tl.float32)  # 0 past the slice
-                dot += nibble_values(words, p, code_ptr) * xk[None, :]
-        acc += dot * block_absmax(stats, blocks, absmax2_ptr, map_ptr, offset_ptr, NESTED, NESTED_BS)
-        words, stats, blocks = next_words, next_stats, next_blocks
+    else:  # unused
+        l0, l1, l2, l3, h0, h1, h2, h3 = 0, 0, 0, 0, 0, 0, 0, 0
 
-    partial = tl.sum(acc, axis=1)[None, :]
+    # acc[n, b, j]: word j of block b of every tile, times its block's absmax; summed at the end
+    acc = tl.zeros([BLOCK_N, NB, WB], tl.float32)
+    k_first = tl.minimum(k_start, last)
+    words = _gemv_words(row_ptr, word, k_first, k_end, BLOCK_K, EVEN_K)
+    stats, blocks = _gemv_stats(absmax_ptr, rows, k_first, K, BS, NB)
+    scale = block_absmax(stats, blocks, absmax2_ptr, map_ptr, offset_ptr, NESTED, NESTED_BS)
+    stats, blocks = _gemv_stats(absmax_ptr, rows, tl.minimum(k_first + BLOCK_K, last), K, BS, NB)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        next_words = _gemv_words(row_ptr, word, tl.minimum(k0 + BLOCK_K, last), k_end, BLOCK_K, EVEN_K)
+        next_scale = block_absmax(stats, blocks, absmax2_ptr, map_ptr, offset_ptr, NESTED, NESTED_BS)
+        stats, blocks = _gemv_stats(absmax_ptr, rows, tl.minimum(k0 + 2 * BLOCK_K, last), K, BS, NB)
+        dot = _gemv_tile_dot(words, x_ptr, k0, k_end, word, code_ptr, l0, l1, l2, l3, h0, h1, h2, h3, X_DTYPE,
+                             REGISTER_TABLE, NB, WB, EVEN_K)  # fmt: skip
+        acc += dot * scale[:, :, None]
+        words, scale = next_words, next_scale
+
+    partial = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
     store_split_k(partial, out_ptr, bias_ptr, partial_ptr, count_ptr, tl.arange(0, 1), offs_n, 1, N, pid_n, pid_k,
                   HAS_BIAS, SPLIT_K)  # fmt: skip
 
@@ -655,18 +731,22 @@ def _check_matmul(x, packed, absmax, bias, tensors) -> tuple[NF4Weight, torch.Te
     return weight, weight.packed.reshape(-1).view(torch.int32)
 
 
-def _launch(kernel, grid, x, out, words, weight, bias, cpu_config, sizes, constants):
-    """Both matmul kernels take the same pointers and flags; None tensors get a stand-in pointer."""
+X_ARG, OUT_ARG = 0, 8  # where x and out are among the matmul kernels' arguments (for a Relaunch)
+
+
+def _launch(kernel, grid, x, out, words, weight, bias, cpu_config, sizes, constants, relaunchable=False):
+    """Both matmul kernels take the same pointers and flags; None tensors get a stand-in pointer.
+    relaunchable: return a `Relaunch` of this launch (on a GPU; else None)."""
     M, N = out.shape
     if interpreting():
         max_split = cpu_config["SPLIT_K"]
     else:
         max_split = max(c.kwargs["SPLIT_K"] for c in kernel.configs) if M <= GEMM_SPLIT_K_MAX_M else 1
     partial, count = split_k_workspace(out.device, max_split * M * N, triton.cdiv(M, MIN_TILE) * triton.cdiv(N, MIN_TILE))
-    launch(
+    return launch(
         kernel, grid, x, words, *_pointers(weight), weight.code, out if bias is None else bias, out, partial, count,
         *sizes, BS=weight.blocksize, NESTED=weight.nested, NESTED_BS=weight.nested_blocksize,
-        HAS_BIAS=bias is not None, cpu_config=cpu_config, **constants,
+        HAS_BIAS=bias is not None, cpu_config=cpu_config, relaunchable=relaunchable, **constants,
     )  # fmt: skip
 
 
@@ -678,15 +758,20 @@ def register_table(x: torch.Tensor) -> bool:
 
 def nf4_gemv(x: torch.Tensor, packed: torch.Tensor, absmax, bias: torch.Tensor | None = None, **tensors) -> torch.Tensor:
     """The M = 1 path of `nf4_matmul` (same arguments); x: [1, K] or [K]."""
+    return _gemv(x, packed, absmax, bias, tensors)[0]
+
+
+def _gemv(x, packed, absmax, bias, tensors, relaunchable=False) -> tuple[torch.Tensor, "Relaunch | None"]:
+    """`nf4_gemv`, and with `relaunchable` (on a GPU) a Relaunch of it: x at X_ARG, out [1, N] at OUT_ARG."""
     weight, words = _check_matmul(x, packed, absmax, bias, tensors)
     N, K = weight.shape
     if x.numel() != K:
         raise ValueError(f"the GEMV path takes one row of K = {K} inputs, got x of shape {tuple(x.shape)}")
     out = torch.empty(1, N, dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
-    _launch(_nf4_gemv_kernel, grid, x, out, words, weight, bias, GEMV_CPU, (N, K),
-            {"X_DTYPE": DOT_DTYPES[x.dtype], "REGISTER_TABLE": register_table(x)})  # fmt: skip
-    return out.reshape(*x.shape[:-1], N)
+    relaunch = _launch(_nf4_gemv_kernel, grid, x, out, words, weight, bias, GEMV_CPU, (N, K, K // 8),
+                       {"X_DTYPE": DOT_DTYPES[x.dtype], "REGISTER_TABLE": register_table(x)}, relaunchable)  # fmt: skip
+    return out.reshape(*x.shape[:-1], N), relaunch
 
 
 def nf4_gemm(x: torch.Tensor, packed: torch.Tensor, absmax, bias: torch.Tensor | None = None, **tensors) -> torch.Tensor:
@@ -742,6 +827,10 @@ class TritonLinear4bit(nn.Module):
     nested, with absmax2, dynamic_map and offset), code [16] float32, bias [N] or None. Unlike
     reference_impl.nf4.Linear4bit, no dequantized copy of the weight is kept. Plugs into
     `replace_linears`: `replace_linears(model, lambda name, lin: TritonLinear4bit.from_linear(lin))`.
+
+    One row on a GPU (a token being generated) takes the GEMV, checked and dispatched through
+    Triton once per kind of input (dtype, device, alignment) and relaunched directly afterwards
+    (`kernels.common.Relaunch`): the per-call cost that decides small layers (per_call.md).
     """
 
     def __init__(self, packed: torch.Tensor, state, bias: torch.Tensor | None = None):
@@ -758,7 +847,7 @@ class TritonLinear4bit(nn.Module):
         for name in ("packed", "absmax", "code", "absmax2", "dynamic_map", "offset"):
             self.register_buffer(name, getattr(weight, name))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-
+        self._relaunches: dict = {}  # (x dtype, device index, address mod 16) -> (Relaunch of the GEMV, an output)
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64, compress_statistics: bool = True
@@ -781,7 +870,34 @@ class TritonLinear4bit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in_features] float -> [..., out_features] in x's dtype."""
-        return nf4_matmul(x.contiguous(), self.packed, self.absmax, self.bias, **self._tensors())
+        x = x.contiguous()
+        if x.is_cuda and x.numel() == self.in_features and x.dim():
+            return self._one_row(x)
+        return nf4_matmul(x, self.packed, self.absmax, self.bias, **self._tensors())
+
+    def _one_row(self, x: torch.Tensor) -> torch.Tensor:
+        """The GEMV on a GPU: the first call of each kind of x is checked and launched by
+        `nf4_gemv`; later ones relaunch it."""
+        key = (x.dtype, x.get_device(), x.data_ptr() % 16)
+        if key not in self._relaunches:
+            out, relaunch = _gemv(x, self.packed, self.absmax, self.bias, self._tensors(), relaunchable=True)
+            self._relaunches[key] = (relaunch, out.reshape(1, self.out_features))
+            return out
+        relaunch, like = self._relaunches[key]
+        out = torch.empty_like(like)  # [1, N]: cheaper to make than by shape, dtype and device
+        relaunch((X_ARG, x), (OUT_ARG, out))
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
+
+    def __setattr__(self, name: str, value) -> None:
+        """Relaunches read the buffers they were made with: replacing one drops them."""
+        if name in self.__dict__.get("_buffers", ()):
+            self.__dict__["_relaunches"] = {}
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, *args, **kwargs):
+        """`.to()`, `.cuda()`, `.half()` ... replace the buffers too."""
+        self.__dict__["_relaunches"] = {}
+        return super()._apply(fn, *args, **kwargs)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight [out_features, in_features] as the kernels see it."""
