@@ -351,6 +351,10 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
     if len(settings) != 1:
         raise ValueError(f"PEFT's config holds one rank, alpha and dropout; these adapters mix {sorted(settings)}")
     (r, alpha, dropout), = settings  # fmt: skip
+    # PEFT adapts every module whose name ends with a target: the layer names (q_proj, ...) when
+    # they pick exactly these modules (as add_lora wraps them), else the full names.
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in modules})
+    picked = {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in suffixes}
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -358,7 +362,7 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": dropout,
-        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in modules}),
+        "target_modules": suffixes if picked == modules.keys() else sorted(modules),
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,

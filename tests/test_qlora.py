@@ -395,6 +395,15 @@ def test_training_without_adapters_and_casting_the_statistics_are_refused(small,
         layer(torch.randn(2, 160, dtype=torch.bfloat16))
 
 
+def test_adapter_config_names_the_layers_peft_will_find(small):
+    model = wrapped(small, target_modules=["q_proj", "v_proj"], r=4, quantize=False)
+    assert qlora.adapter_config(model)["target_modules"] == ["q_proj", "v_proj"]
+    first = model.model.layers[0].self_attn
+    first.q_proj = first.q_proj.base_layer  # no adapter there: "q_proj" would make PEFT add one
+    assert qlora.adapter_config(model)["target_modules"] == [
+        "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+
+
 def test_loading_adapters_of_another_shape_is_refused(small, tmp_path):
     directory = qlora.save_adapter(wrapped(small, target_modules=["q_proj"], r=4, quantize=False), tmp_path)
     with pytest.raises(ValueError, match="do not fit"):
