@@ -247,6 +247,11 @@ def build_nf4_codebook(offset: float = NF4_OFFSET) -> torch.Tensor:
     for bit: like it, the probabilities are spaced in float32 and the quantiles divided in float32
     (float64 throughout lands 1 ulp away on some values).
     """
+    if not 0.5 < offset < 1:
+        raise ValueError(
+            f"offset must lie strictly between 0.5 and 1, got {offset}: it is the probability of the outermost "
+            "quantile, Phi^-1(1) is infinite and offsets at or below 0.5 leave no positive half (bitsandbytes: 0.9677083)"
+        )
     positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double())
     negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double())
     values = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).float().sort().values

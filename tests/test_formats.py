@@ -195,6 +195,9 @@ def test_nf4_rebuilt_from_normal_quantiles_matches_the_table():
     torch.testing.assert_close(built, NF4_CODEBOOK, atol=1e-6, rtol=0)
     assert (built == 0).sum() == 1 and (built > 0).sum() == 8  # 8 positive, 7 negative, one 0
     assert not torch.allclose(build_nf4_codebook(0.99), NF4_CODEBOOK, atol=1e-3)
+    for offset in (1.0, 0.5, 0.3):  # an infinite outer quantile; no positive half
+        with pytest.raises(ValueError, match="strictly between 0.5 and 1"):
+            build_nf4_codebook(offset)
 
 
 def test_fp4_codebook_is_bitsandbytes_bit_pattern_order():
