@@ -10,7 +10,7 @@ Here each contender is called back to back, `calls` times, from Python, with the
 L2 (as in such a loop at small shapes) and one synchronization at the end: microseconds per call
 = elapsed / calls. Also reported: the host time of one call (the GPU idle, synchronized after
 each call), i.e. the floor that launch overhead sets. The host's speed drifts (the same fp16
-call measured 22 to 33 us on different days), so the contenders take turns, ROUNDS times, and
+call measured 22 to 33 us in different runs), so the contenders take turns, ROUNDS times, and
 each figure is the median of its rounds.
 
 Our NF4 GEMV runs two ways: `TritonLinear4bit` (the layer, as a model calls it: nn.Module call,
@@ -39,8 +39,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [(4096, 4096), (4096, 11008), (8192, 8192), (8192, 28672)]  # (K, N) of W [N, K], x [1, K]
 BASELINE = "nf4 (bitsandbytes)"
 TARGET = ("nf4 (TritonLinear4bit)", 4096, 4096, 2.0)  # (kernel, K, N, minimum speedup per call over BASELINE)
-
-
 ROUNDS = 7
 
 
