@@ -8,7 +8,6 @@ own name (`int8_matmul__int64`, ...); the suite is pointed at one of them with `
 """
 
 import ast
-import copy
 import re
 import textwrap
 from collections import defaultdict
@@ -18,9 +17,8 @@ import _pytest.python
 import _pytest.unraisableexception
 import nbformat
 import pytest
-from nbgrader.preprocessors import ClearHiddenTests, ClearSolutions
 
-from lab_catalog import suite_points
+from lab_catalog import check_source_and_student_notebooks, suite_points
 
 from quantcourse.autograder import engine
 from quantcourse.autograder.notebook import is_test_cell, nbgrader_meta, read_submission
@@ -702,24 +700,7 @@ def test_wrong_versions_lose_points(results, max_points, function, version, hint
 
 
 def test_source_notebook_earns_full_marks_and_the_student_version_none(tmp_path):
-    source = engine.grade_notebook(SOURCE)
-    assert source.score == source.max_score == sum(suite_points(LAB).values()), [
-        (t.name, t.feedback) for t in source.tests if t.status not in ("passed", "manual")
-    ]
-    assert not source.load.cell_errors
-
-    # The student version: nbgrader's own preprocessors (those of generate_assignment, which is
-    # too slow to run here), and the committed student copy where there is one.
-    notebook = nbformat.read(SOURCE, as_version=4)
-    notebook, _ = ClearSolutions().preprocess(copy.deepcopy(notebook), {})
-    notebook, _ = ClearHiddenTests().preprocess(notebook, {})
-    path = tmp_path / f"{LAB}.ipynb"
-    nbformat.write(notebook, path)
-    committed = SOURCE.parent / "student" / SOURCE.name
-    for version in [path] + ([committed] if committed.is_file() else []):
-        student = engine.grade_notebook(version)
-        assert student.max_score == source.max_score
-        assert student.score == 0, [(t.name, t.feedback) for t in student.tests if t.points]
+    check_source_and_student_notebooks(LAB, SOURCE, tmp_path)
 
 
 def test_notebook_points_match_the_suite():
